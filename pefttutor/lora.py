@@ -1,0 +1,53 @@
+"""LoRA: a frozen weight plus a trainable low-rank update, ΔW = (alpha / r) B A.
+
+Defined in the chapter "LoRA" (book/lora.ipynb). Hu et al., 2021, arXiv 2106.09685;
+rank-stabilised scaling alpha / sqrt(r) from Kalajdzievski, 2023, arXiv 2312.03732.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .inject import AdapterLayer
+
+
+class LoRALinear(AdapterLayer):
+    """``y = base(x) + scale * B A dropout(x)`` with A (r, in), B (out, r), scale = alpha / r.
+
+    B starts at zero, so the layer is the base layer at initialisation; A is Kaiming-uniform
+    (a = sqrt 5) as in the paper's code and peft. ``rslora=True`` scales by alpha / sqrt(r).
+    """
+
+    def __init__(self, base: nn.Module, r: int = 8, alpha: float = 8, dropout: float = 0.0,
+                 rslora: bool = False):
+        super().__init__(base)
+        d, k = self.out_features, self.in_features
+        if not isinstance(r, numbers.Integral) or isinstance(r, bool) or not 1 <= r <= min(d, k):
+            raise ValueError(f"LoRA rank r={r!r} does not fit a layer with out_features={d} and "
+                             f"in_features={k}: choose an integer 1 <= r <= {min(d, k)} (a rank at or "
+                             f"above that trains more parameters than the full matrix).")
+        if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool) or alpha <= 0:
+            raise ValueError(f"LoRA alpha={alpha!r} must be a positive number (the scale is alpha / r)")
+        if not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout={dropout!r} must be in [0, 1)")
+        self.r, self.alpha, self.rslora = int(r), float(alpha), bool(rslora)
+        self.scale = alpha / math.sqrt(r) if rslora else alpha / r
+        kw = dict(dtype=self.adapter_dtype(), device=base.weight.device)
+        self.A = nn.Parameter(torch.empty(r, k, **kw))   # (r, in)
+        self.B = nn.Parameter(torch.zeros(d, r, **kw))   # (out, r): zero, so ΔW = 0 at init
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.B @ self.A) * self.scale             # (out, in)
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(x.to(self.A.dtype))
+        return F.linear(F.linear(x, self.A), self.B) * self.scale   # never builds the (out, in) ΔW
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha:g}, rslora={self.rslora}"

@@ -1,0 +1,147 @@
+"""One training loop and the evaluations every chapter uses.
+
+Defined in the chapter "Full fine-tuning" (book/full_finetuning.ipynb).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import PROMPT, collate, slot_score
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto"):
+    """None (fp32), torch.bfloat16 or torch.float16. "auto" takes bf16 where the GPU has it
+    (Ampere and newer), fp16 on older GPUs such as Colab's T4, and fp32 on the CPU."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _batches(data, batch_size, gen, pad_id):
+    while True:
+        order = torch.randperm(len(data), generator=gen).tolist()
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            yield collate([data[j] for j in order[i:i + batch_size]], pad_id)
+
+
+def _to(batch, device):
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def train(model, data, *, pad_id: int, steps: int = 200, batch_size: int = 32, lr: float = 1e-3,
+          weight_decay: float = 0.0, warmup: float = 0.1, clip: float = 1.0, evaluate=None,
+          eval_every: int | None = None, seed: int = 0, device=None, precision: str = "auto",
+          progress: bool | None = None, desc: str = "train") -> dict:
+    """Train the model's trainable parameters on encoded examples (see :mod:`pefttutor.data`).
+
+    AdamW, linear warm-up over ``warmup`` of the steps then linear decay to zero, gradient
+    clipping, mixed precision on CUDA. ``evaluate(model) -> dict`` runs every ``eval_every``
+    steps and at the end. Returns the history: losses per step, evaluations, seconds.
+    """
+    torch.manual_seed(seed)
+    device = torch.device(device) if device else default_device()
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters: inject an adapter or unfreeze a module")
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    n_warm = max(1, int(warmup * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / n_warm, max(0.0, (steps - s) / max(1, steps - n_warm))))
+    amp = autocast_dtype(device, precision)
+    scaler = torch.amp.GradScaler(enabled=amp is torch.float16)
+    batches = _batches(data, min(batch_size, len(data)), torch.Generator().manual_seed(seed), pad_id)
+    if progress is None:
+        progress = not os.environ.get("PEFTTUTOR_QUIET")
+    history = {"step": [], "loss": [], "eval": []}
+    start = time.perf_counter()
+    model.train()
+    bar = tqdm(range(1, steps + 1), desc=desc, disable=not progress, mininterval=0.5)
+    for step in bar:
+        with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
+            loss = model(**_to(next(batches), device)).loss
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        scaler.step(opt), scaler.update(), sched.step()
+        opt.zero_grad(set_to_none=True)
+        history["step"].append(step), history["loss"].append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        if evaluate and ((eval_every and step % eval_every == 0) or step == steps):
+            model.eval()
+            history["eval"].append({"step": step, **evaluate(model)})
+            model.train()
+    model.eval()
+    history["seconds"] = time.perf_counter() - start
+    return history
+
+
+@torch.no_grad()
+def accuracy(model, data, pad_id: int, batch_size: int = 256) -> float:
+    """Fraction of examples whose argmax logit equals the label (sequence classification)."""
+    model.eval()
+    device = next(model.parameters()).device
+    correct = 0
+    for i in range(0, len(data), batch_size):
+        batch = _to(collate(data[i:i + batch_size], pad_id), device)
+        labels = batch.pop("labels")
+        correct += (model(**batch).logits.argmax(-1) == labels).sum().item()
+    return correct / len(data)
+
+
+@torch.no_grad()
+def eval_loss(model, data, pad_id: int, batch_size: int = 128) -> float:
+    """Mean cross-entropy per target token over ``data`` (causal LM with -100 masked labels)."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(data), batch_size):
+        batch = _to(collate(data[i:i + batch_size], pad_id), device)
+        n = (batch["labels"][:, 1:] != -100).sum().item()
+        total += model(**batch).loss.item() * n
+        count += n
+    return total / count
+
+
+@torch.no_grad()
+def generate(model, tok, prompts: list[str], max_new_tokens: int = 48, batch_size: int = 100) -> list[str]:
+    """Greedy continuations of ``prompts`` (left-padded batches), new text only."""
+    model.eval()
+    device = next(model.parameters()).device
+    side, tok.padding_side = tok.padding_side, "left"
+    texts = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            enc = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True).to(device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            texts += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tok.padding_side = side
+    return [t.strip() for t in texts]
+
+
+def generation_scores(model, tok, split, n: int | None = None, max_new_tokens: int = 48) -> dict:
+    """Data-to-text scores on a ``restaurants``-style split: slot accuracy (the fraction of the
+    meaning representation's values the text states correctly) and exact match."""
+    mrs, refs = list(split["mr"])[:n], list(split["text"])[:n]
+    outs = generate(model, tok, [PROMPT.format(mr=m) for m in mrs], max_new_tokens)
+    slots = [slot_score(m, o) for m, o in zip(mrs, outs)]
+    return {"slot_acc": sum(c for c, _ in slots) / sum(t for _, t in slots),
+            "exact": sum(o == r for o, r in zip(outs, refs)) / len(refs)}
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss)

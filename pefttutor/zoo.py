@@ -1,0 +1,219 @@
+"""Small pretrained base models that ship with the package, and the Hub path with the same interface.
+
+Defined in the chapter "The base models" (book/base_models.ipynb).
+
+Two real ``transformers`` architectures, pretrained by the recipe below on the generated corpus of
+:mod:`pefttutor.data`:
+
+* ``"zoo-decoder"``: a ``LlamaForCausalLM`` (3 layers, hidden size 128), next-token prediction;
+* ``"zoo-encoder"``: a ``BertForMaskedLM`` (3 layers, hidden size 128), masked-language modelling;
+
+both with a byte-pair-encoding tokenizer trained with the ``tokenizers`` library. They are stored as
+safetensors under ``pefttutor/zoo_models`` and load with ``from_pretrained(path)`` like any Hub model.
+Rebuild them with ``python -m pefttutor.zoo build`` (deterministic on a given machine).
+
+Any other name (``"gpt2"``, ``"roberta-base"``, a local folder) goes to ``transformers``' Auto classes.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import pathlib
+import random
+
+import torch
+import transformers
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerFast)
+
+from .data import make_corpus
+
+ZOO_DIR = pathlib.Path(__file__).parent / "zoo_models"
+ZOO = {"zoo-decoder": ZOO_DIR / "decoder", "zoo-encoder": ZOO_DIR / "encoder"}
+VOCAB_SIZE = 1024
+ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"()[]{}<>=+-*/&%$#@|_~"  # tasks use [ ] = >
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>", "</s>"]
+
+
+def train_tokenizer(corpus: list[str], vocab_size: int = VOCAB_SIZE):
+    """A BPE tokenizer (``tokenizers`` library). Words keep their leading-space marker (Metaspace) so
+    decoding round-trips; punctuation is split off, and every character in ``ALPHABET`` is in the
+    vocabulary, so the tasks' ``name[...]`` and ``=>`` are known symbols even though the corpus has none."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(), pre_tokenizers.Punctuation()])
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+                                  initial_alphabet=list(ALPHABET))
+    tok.train_from_iterator(corpus, trainer)
+    return tok
+
+
+def _wrap(tok, kind: str) -> PreTrainedTokenizerFast:
+    """The same BPE model as a decoder (``<s> text``) or an encoder (``[CLS] text [SEP]``) tokenizer."""
+    from tokenizers import Tokenizer, processors
+    tok = Tokenizer.from_str(tok.to_str())
+    ids = {t: tok.token_to_id(t) for t in SPECIAL}
+    if kind == "decoder":
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", ids["<s>"])])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                       pad_token="[PAD]", unk_token="[UNK]", model_max_length=128)
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, cls_token="[CLS]", sep_token="[SEP]",
+                                   pad_token="[PAD]", unk_token="[UNK]", mask_token="[MASK]",
+                                   model_max_length=128)
+
+
+def decoder_config(tok, **overrides) -> LlamaConfig:
+    kw = dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+              tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+              pad_token_id=tok.pad_token_id)
+    return LlamaConfig(**{**kw, **overrides})
+
+
+def encoder_config(tok, **overrides) -> BertConfig:
+    kw = dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+              num_attention_heads=4, max_position_embeddings=128, pad_token_id=tok.pad_token_id)
+    return BertConfig(**{**kw, **overrides})
+
+
+def _batches(ids: list[list[int]], batch_size: int, rng: random.Random, pad_id: int):
+    while True:
+        order = list(range(len(ids)))
+        rng.shuffle(order)
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            rows = [ids[j] for j in order[i:i + batch_size]]
+            width = max(map(len, rows))
+            x = torch.full((batch_size, width), pad_id)
+            for r, row in enumerate(rows):
+                x[r, :len(row)] = torch.tensor(row)
+            yield x
+
+
+def _mask_tokens(x: torch.Tensor, tok, gen: torch.Generator):
+    """BERT's masking: 15% of real tokens are predicted; of those 80% [MASK], 10% random, 10% kept."""
+    labels = x.clone()
+    special = (x == tok.pad_token_id) | (x == tok.cls_token_id) | (x == tok.sep_token_id)
+    chosen = (torch.rand(x.shape, generator=gen) < 0.15) & ~special
+    labels[~chosen] = -100
+    u = torch.rand(x.shape, generator=gen)
+    x = x.clone()
+    x[chosen & (u < 0.8)] = tok.mask_token_id
+    rand = chosen & (u >= 0.8) & (u < 0.9)
+    x[rand] = torch.randint(len(SPECIAL), len(tok), x.shape, generator=gen)[rand]
+    return x, labels
+
+
+def pretrain(kind: str, tok, corpus: list[str], steps: int = 2000, batch_size: int = 32,
+             lr: float = 3e-3, seed: int = 0, log=print):
+    """Pretrain a zoo model from scratch: next-token prediction (decoder) or masked LM (encoder)."""
+    torch.manual_seed(seed)
+    if kind == "decoder":
+        model = LlamaForCausalLM(decoder_config(tok))
+        ids = [tok(d + " </s>")["input_ids"] for d in corpus]
+    else:
+        model = BertForMaskedLM(encoder_config(tok))
+        ids = [tok(d)["input_ids"] for d in corpus]
+    ids = [row[:128] for row in ids]
+    gen = torch.Generator().manual_seed(seed)
+    batches = _batches(ids, batch_size, random.Random(seed), tok.pad_token_id)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = steps // 20
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (
+        1 + math.cos(math.pi * min(s, steps) / steps))))
+    model.train()
+    for step in range(steps):
+        x = next(batches)
+        mask = (x != tok.pad_token_id).long()
+        if kind == "decoder":
+            labels = x.masked_fill(mask == 0, -100)
+            loss = model(input_ids=x, attention_mask=mask, labels=labels).loss
+        else:
+            xm, labels = _mask_tokens(x, tok, gen)
+            loss = model(input_ids=xm, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(), sched.step(), opt.zero_grad()
+        if step % 200 == 0 or step == steps - 1:
+            log(f"{kind} step {step:5d} loss {loss.item():.3f}")
+    return model.eval()
+
+
+def build(out_dir: pathlib.Path = ZOO_DIR, steps: int = 2000, n_docs: int = 30000, log=print):
+    """The recipe: generate the corpus, train the tokenizer, pretrain both models, save them."""
+    torch.use_deterministic_algorithms(True)
+    corpus = make_corpus(n_docs=n_docs)
+    bpe = train_tokenizer(corpus)
+    for kind in ("decoder", "encoder"):
+        tok = _wrap(bpe, kind)
+        model = pretrain(kind, tok, corpus, steps=steps, log=log)
+        path = pathlib.Path(out_dir) / kind
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        log(f"saved {path}")
+
+
+def resolve(name: str) -> str:
+    """A zoo name to its folder; anything else (a Hub name, a local path) is returned unchanged."""
+    return str(ZOO[name]) if name in ZOO else name
+
+
+def load_tokenizer(name: str):
+    tok = AutoTokenizer.from_pretrained(resolve(name))
+    if tok.pad_token is None:          # GPT-2 and Llama ship without one
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_decoder(name: str = "zoo-decoder", dtype=None):
+    """A causal LM and its tokenizer: the zoo decoder by default, or a Hub name / local folder."""
+    with _quiet():
+        model = AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype)
+    tok = load_tokenizer(name)
+    model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def load_encoder(name: str = "zoo-encoder", num_labels: int = 2, dtype=None):
+    """A sequence classifier and its tokenizer; the classification head is new (randomly initialised)."""
+    with _quiet():
+        model = AutoModelForSequenceClassification.from_pretrained(resolve(name), num_labels=num_labels,
+                                                                   dtype=dtype)
+    tok = load_tokenizer(name)
+    model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+class _quiet:
+    """Silence transformers' 'newly initialized weights' report while loading."""
+    def __enter__(self):
+        self.level = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+
+    def __exit__(self, *exc):
+        transformers.logging.set_verbosity(self.level)
+
+
+def head_names(model) -> list[str]:
+    """The task head a classifier adds on top of its pretrained body (kept trainable by PEFT methods)."""
+    heads = ["classifier", "score", "pooler"]
+    names = {n.split(".")[-1] for n, _ in model.named_modules()}
+    return [h for h in heads if h in names]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Rebuild the zoo models from the generated corpus.")
+    parser.add_argument("command", choices=["build"])
+    parser.add_argument("--out", default=str(ZOO_DIR))
+    parser.add_argument("--steps", type=int, default=2000)
+    args = parser.parse_args(argv)
+    build(pathlib.Path(args.out), steps=args.steps)
+
+
+if __name__ == "__main__":
+    main()
