@@ -140,7 +140,7 @@ def _restaurant_doc(rng, name, r, world):
 
 def _clause(rng, positive: bool) -> str:
     """'the soup was lovely' or 'the soup was not bad' (positive), and so on."""
-    negate = rng.random() < 0.4
+    negate = rng.random() < 0.3
     words = NEGATIVE if positive == negate else POSITIVE
     verb = rng.choice(["was", "was really", "seemed", "felt"]) if not negate else \
         rng.choice(["was not", "was never", "did not seem"])
@@ -159,13 +159,31 @@ def make_review(rng: random.Random, world: dict) -> tuple[str, int]:
     place = rng.choice(sorted(world["restaurants"]))
     last = _clause(rng, bool(label))
     form = rng.random()
-    if form < 0.35:
+    if form < 0.55:
         text = f"at {place} {last} ."
-    elif form < 0.75:
+    elif form < 0.85:
         text = f"{_clause(rng, not label)} at {place} , but {last} ."
     else:
         text = f"although {_clause(rng, not label)} , {last} at {place} ."
     return text, label
+
+
+_LIKED = {True: ["loved", "enjoyed", "liked"], False: ["hated", "disliked", "regretted"]}
+_AFTER = {True: ["{p} will come back soon .", "{p} told every friend to go there .", "it was a happy evening ."],
+          False: ["{p} will never come back .", "{p} told every friend to stay away .", "it was a sad evening ."]}
+
+
+def _review_doc(rng, world):
+    """A review whose sentences agree in polarity, mostly following the restaurant's rating: the
+    context from which pretraining can learn that "lovely" and "awful" differ."""
+    person = rng.choice(sorted(world["people"]))
+    place = rng.choice(sorted(world["restaurants"]))
+    rating = world["restaurants"][place]["rating"]
+    positive = rng.random() < {"high": 0.85, "average": 0.5, "low": 0.15}[rating]
+    lines = [f"{person} {rng.choice(_LIKED[positive])} {place} ."]
+    lines += [_clause(rng, positive) + " ." for _ in range(rng.randint(1, 3))]
+    lines.append(rng.choice(_AFTER[positive]).format(p=person))
+    return " ".join(lines)
 
 
 def make_corpus(n_docs: int = 30000, seed: int = 0, world: dict | None = None) -> list[str]:
@@ -185,8 +203,10 @@ def make_corpus(n_docs: int = 30000, seed: int = 0, world: dict | None = None) -
         elif u < 0.75:
             name = rng.choice(rests)
             docs.append(_restaurant_doc(rng, name, world["restaurants"][name], world))
+        elif u < 0.92:
+            docs.append(_review_doc(rng, world))
         else:
-            docs.append(" ".join(make_review(rng, world)[0] for _ in range(rng.randint(1, 3))))
+            docs.append(make_review(rng, world)[0])
     return docs
 
 

@@ -6,7 +6,9 @@ Two real ``transformers`` architectures, pretrained by the recipe below on the g
 :mod:`pefttutor.data`:
 
 * ``"zoo-decoder"``: a ``LlamaForCausalLM`` (3 layers, hidden size 128), next-token prediction;
-* ``"zoo-encoder"``: a ``BertForMaskedLM`` (3 layers, hidden size 128), masked-language modelling;
+* ``"zoo-encoder"``: a ``BertForPreTraining`` (3 layers, hidden size 128), masked-language modelling
+  and next-sentence prediction, as BERT was pretrained, then a short stage that teaches the pooled
+  [CLS] vector to summarise its sequence (:func:`summarise`);
 
 both with a byte-pair-encoding tokenizer trained with the ``tokenizers`` library. They are stored as
 safetensors under ``pefttutor/zoo_models`` and load with ``from_pretrained(path)`` like any Hub model.
@@ -20,11 +22,13 @@ import argparse
 import math
 import pathlib
 import random
+import re
 
 import torch
 import transformers
+from torch.nn import functional as F
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                          BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM,
+                          BertConfig, BertForPreTraining, LlamaConfig, LlamaForCausalLM,
                           PreTrainedTokenizerFast)
 
 from .data import make_corpus
@@ -82,17 +86,36 @@ def encoder_config(tok, **overrides) -> BertConfig:
     return BertConfig(**{**kw, **overrides})
 
 
-def _batches(ids: list[list[int]], batch_size: int, rng: random.Random, pad_id: int):
-    while True:
-        order = list(range(len(ids)))
-        rng.shuffle(order)
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            rows = [ids[j] for j in order[i:i + batch_size]]
-            width = max(map(len, rows))
-            x = torch.full((batch_size, width), pad_id)
-            for r, row in enumerate(rows):
-                x[r, :len(row)] = torch.tensor(row)
-            yield x
+def _sentences(doc: str) -> list[str]:
+    return [s for s in re.split(r"(?<= \.) ", doc) if s]
+
+
+def _encoder_examples(corpus: list[str], tok, rng: random.Random) -> list[tuple]:
+    """BERT's two objectives: every document is masked for MLM; a document of two or more sentences
+    is also cut into a pair (A, B), and half the time B is replaced by text from another document.
+    Next-sentence prediction is what trains [CLS] and the pooler to summarise a sequence."""
+    docs = [_sentences(d) for d in corpus]
+    out = []
+    for sents in docs:
+        if len(sents) < 2:
+            enc = tok(" ".join(sents), truncation=True, max_length=128, return_token_type_ids=True)
+            out.append((enc["input_ids"], enc["token_type_ids"], -100))
+            continue
+        k = rng.randint(1, len(sents) - 1)
+        a, b, label = " ".join(sents[:k]), " ".join(sents[k:]), 0
+        if rng.random() < 0.5:
+            other = docs[rng.randrange(len(docs))]
+            b, label = " ".join(other[rng.randrange(len(other)):]), 1
+        enc = tok(a, b, truncation=True, max_length=128, return_token_type_ids=True)
+        out.append((enc["input_ids"], enc["token_type_ids"], label))
+    return out
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    x = torch.full((len(rows), max(map(len, rows))), value)
+    for r, row in enumerate(rows):
+        x[r, :len(row)] = torch.tensor(row)
+    return x
 
 
 def _mask_tokens(x: torch.Tensor, tok, gen: torch.Generator):
@@ -109,53 +132,108 @@ def _mask_tokens(x: torch.Tensor, tok, gen: torch.Generator):
     return x, labels
 
 
+def _encoder_batch(examples, tok, gen):
+    ids = _pad([e[0] for e in examples], tok.pad_token_id)
+    masked, labels = _mask_tokens(ids, tok, gen)
+    return {"input_ids": masked, "token_type_ids": _pad([e[1] for e in examples], 0),
+            "attention_mask": (ids != tok.pad_token_id).long(), "labels": labels,
+            "next_sentence_label": torch.tensor([e[2] for e in examples])}
+
+
+def _decoder_batch(examples, tok, gen):
+    ids = _pad(examples, tok.pad_token_id)
+    mask = (ids != tok.pad_token_id).long()
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
 def pretrain(kind: str, tok, corpus: list[str], steps: int = 2000, batch_size: int = 32,
-             lr: float = 3e-3, seed: int = 0, log=print):
-    """Pretrain a zoo model from scratch: next-token prediction (decoder) or masked LM (encoder)."""
+             lr: float = 3e-3, seed: int = 0, log=print, history: list | None = None):
+    """Pretrain a zoo model from scratch: next-token prediction (decoder), or masked language
+    modelling plus next-sentence prediction (encoder), as GPT and BERT were.
+
+    The loss of every step is appended to ``history`` when one is given."""
     torch.manual_seed(seed)
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     if kind == "decoder":
         model = LlamaForCausalLM(decoder_config(tok))
-        ids = [tok(d + " </s>")["input_ids"] for d in corpus]
+        examples = [tok(d + " </s>", truncation=True, max_length=128)["input_ids"] for d in corpus]
+        make_batch = _decoder_batch
     else:
-        model = BertForMaskedLM(encoder_config(tok))
-        ids = [tok(d)["input_ids"] for d in corpus]
-    ids = [row[:128] for row in ids]
-    gen = torch.Generator().manual_seed(seed)
-    batches = _batches(ids, batch_size, random.Random(seed), tok.pad_token_id)
+        model = BertForPreTraining(encoder_config(tok))
+        examples = _encoder_examples(corpus, tok, rng)
+        make_batch = _encoder_batch
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warmup = steps // 20
+    warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (
         1 + math.cos(math.pi * min(s, steps) / steps))))
+    order: list[int] = []
     model.train()
     for step in range(steps):
-        x = next(batches)
-        mask = (x != tok.pad_token_id).long()
-        if kind == "decoder":
-            labels = x.masked_fill(mask == 0, -100)
-            loss = model(input_ids=x, attention_mask=mask, labels=labels).loss
-        else:
-            xm, labels = _mask_tokens(x, tok, gen)
-            loss = model(input_ids=xm, attention_mask=mask, labels=labels).loss
+        if len(order) < batch_size:
+            order = list(range(len(examples)))
+            rng.shuffle(order)
+        batch = make_batch([examples[order.pop()] for _ in range(batch_size)], tok, gen)
+        loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(), sched.step(), opt.zero_grad()
+        if history is not None:
+            history.append(loss.item())
         if step % 200 == 0 or step == steps - 1:
             log(f"{kind} step {step:5d} loss {loss.item():.3f}")
     return model.eval()
 
 
+def summarise(model: BertForPreTraining, tok, corpus: list[str], steps: int = 300, batch_size: int = 32,
+              lr: float = 1e-3, seed: int = 0, log=print, history: list | None = None) -> BertForPreTraining:
+    """The encoder's second stage: masked LM plus a bag-of-words objective on the pooled [CLS] vector.
+
+    A linear probe on the pooler's output must predict which words the sequence contains (a multi-label
+    loss; the probe is thrown away). Without it, [CLS] in a model this small carries almost nothing
+    about the sequence, and fine-tuning a classifier on top of it stalls for hundreds of steps."""
+    torch.manual_seed(seed)
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    probe = torch.nn.Linear(model.config.hidden_size, len(tok))
+    docs = [tok(d, truncation=True, max_length=128)["input_ids"] for d in corpus]
+    opt = torch.optim.AdamW(list(model.parameters()) + list(probe.parameters()), lr=lr, weight_decay=0.01,
+                            betas=(0.9, 0.98))
+    model.train()
+    for step in range(steps):
+        ids = _pad([docs[rng.randrange(len(docs))] for _ in range(batch_size)], tok.pad_token_id)
+        masked, labels = _mask_tokens(ids, tok, gen)
+        out = model.bert(input_ids=masked, attention_mask=(ids != tok.pad_token_id).long())
+        mlm = F.cross_entropy(model.cls.predictions(out.last_hidden_state).flatten(0, 1), labels.flatten())
+        bag = torch.zeros(batch_size, len(tok)).scatter_(1, ids, 1.0)
+        bag[:, :len(SPECIAL)] = 0
+        bow = F.binary_cross_entropy_with_logits(probe(out.pooler_output), bag, pos_weight=torch.tensor(20.0))
+        loss = mlm + bow
+        loss.backward()
+        opt.step(), opt.zero_grad()
+        if history is not None:
+            history.append(loss.item())
+        if step % 100 == 0 or step == steps - 1:
+            log(f"encoder stage 2 step {step:4d} mlm {mlm.item():.3f} bag-of-words {bow.item():.3f}")
+    return model.eval()
+
+
 def build(out_dir: pathlib.Path = ZOO_DIR, steps: int = 2000, n_docs: int = 30000, log=print):
     """The recipe: generate the corpus, train the tokenizer, pretrain both models, save them."""
+    was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
-    corpus = make_corpus(n_docs=n_docs)
-    bpe = train_tokenizer(corpus)
-    for kind in ("decoder", "encoder"):
-        tok = _wrap(bpe, kind)
-        model = pretrain(kind, tok, corpus, steps=steps, log=log)
-        path = pathlib.Path(out_dir) / kind
-        model.save_pretrained(path)
-        tok.save_pretrained(path)
-        log(f"saved {path}")
+    try:
+        corpus = make_corpus(n_docs=n_docs)
+        bpe = train_tokenizer(corpus)
+        for kind in ("decoder", "encoder"):
+            tok = _wrap(bpe, kind)
+            model = pretrain(kind, tok, corpus, steps=steps, log=log)
+            if kind == "encoder":
+                model = summarise(model, tok, corpus, steps=max(1, steps * 3 // 20), log=log)
+            path = pathlib.Path(out_dir) / kind
+            model.save_pretrained(path)
+            tok.save_pretrained(path)
+            log(f"saved {path}")
+    finally:
+        torch.use_deterministic_algorithms(was)
 
 
 def resolve(name: str) -> str:
@@ -179,8 +257,11 @@ def load_decoder(name: str = "zoo-decoder", dtype=None):
     return model, tok
 
 
-def load_encoder(name: str = "zoo-encoder", num_labels: int = 2, dtype=None):
-    """A sequence classifier and its tokenizer; the classification head is new (randomly initialised)."""
+def load_classifier(name: str = "zoo-encoder", num_labels: int = 2, dtype=None):
+    """Any model as a sequence classifier, with its tokenizer; the classification head is new.
+
+    An encoder classifies from its first token ([CLS], through BERT's pooler); a decoder such as
+    ``"zoo-decoder"`` from its last real token (``LlamaForSequenceClassification``)."""
     with _quiet():
         model = AutoModelForSequenceClassification.from_pretrained(resolve(name), num_labels=num_labels,
                                                                    dtype=dtype)
@@ -189,14 +270,23 @@ def load_encoder(name: str = "zoo-encoder", num_labels: int = 2, dtype=None):
     return model, tok
 
 
+def load_encoder(name: str = "zoo-encoder", num_labels: int = 2, dtype=None):
+    """The zoo encoder (or a Hub encoder such as ``"roberta-base"``) as a sequence classifier."""
+    return load_classifier(name, num_labels, dtype)
+
+
 class _quiet:
-    """Silence transformers' 'newly initialized weights' report while loading."""
+    """Silence transformers' 'newly initialized weights' report and loading bar while loading."""
     def __enter__(self):
         self.level = transformers.logging.get_verbosity()
+        self.bars = transformers.utils.logging.is_progress_bar_enabled()
         transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
 
     def __exit__(self, *exc):
         transformers.logging.set_verbosity(self.level)
+        if self.bars:
+            transformers.utils.logging.enable_progress_bar()
 
 
 def head_names(model) -> list[str]:
