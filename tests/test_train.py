@@ -11,6 +11,7 @@ def test_train_lora_classifier_learns_and_is_seeded():
     task = load_task("reviews", sizes={"train": 256, "validation": 64, "test": 64})
     runs = []
     for _ in range(2):
+        torch.manual_seed(0)                  # the new classification head is initialised at load time
         model, tok = zoo.load_classifier("zoo-decoder")
         inject(model, LoRALinear, ["q_proj", "v_proj"], r=4, alpha=8, modules_to_save=zoo.head_names(model))
         data = encode_classification(task["train"], tok)
