@@ -58,6 +58,7 @@ def main():
     config = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank)
     ref = peft.tuners.lora.layer.Linear(copy.deepcopy(base), "default", config=config, r=args.rank,
                                         lora_alpha=2 * args.rank).to(device)
+    ref.base_layer.requires_grad_(False)   # get_peft_model freezes the base; a standalone layer does not
     x = torch.randn(args.batch, args.seq, args.size, device=device, requires_grad=True)
 
     def step(layer):

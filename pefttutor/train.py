@@ -5,7 +5,6 @@ Defined in the chapter "Full fine-tuning" (book/full_finetuning.ipynb).
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 
@@ -141,7 +140,3 @@ def generation_scores(model, tok, split, n: int | None = None, max_new_tokens: i
     slots = [slot_score(m, o) for m, o in zip(mrs, outs)]
     return {"slot_acc": sum(c for c, _ in slots) / sum(t for _, t in slots),
             "exact": sum(o == r for o, r in zip(outs, refs)) / len(refs)}
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(loss)
