@@ -358,7 +358,7 @@ def slot_score(mr: str, text: str) -> tuple[int, int]:
     text = f" {text} "
     correct = 0
     for slot, value in slots.items():
-        if slot == "family" and value in ("yes", "no"):
+        if slot in ("family", "familyfriendly") and value in ("yes", "no"):   # offline / E2E name
             negated = "not family friendly" in text or "not kid friendly" in text
             ok = negated if value == "no" else ("family friendly" in text and not negated)
         elif slot == "price" and value == "moderate":

@@ -38,6 +38,7 @@ def test_slot_score():
     assert data.slot_score(mr, good) == (4, 4)
     assert data.slot_score(mr, "the red fox is not family friendly .") == (1, 4)
     assert data.slot_score("name[x] , family[no]", "x is a pub . it is not family friendly .") == (2, 2)
+    assert data.slot_score("name[x] , familyfriendly[yes]", "x is family friendly .") == (2, 2)   # E2E
 
 
 def test_restaurant_texts_realise_every_slot():
