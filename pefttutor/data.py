@@ -328,24 +328,25 @@ def encode_generation(split, tok, max_length: int = 128) -> list[dict]:
     return out
 
 
+def pad_rows(rows: list[list[int]], value: int):
+    """Right-pad lists of ids with ``value`` into one (len(rows), longest) tensor."""
+    import torch
+    x = torch.full((len(rows), max(map(len, rows))), value)
+    for r, row in enumerate(rows):
+        x[r, :len(row)] = torch.tensor(row)
+    return x
+
+
 def collate(examples: list[dict], pad_id: int) -> dict:
     """Right-pad a list of encoded examples into a batch of tensors."""
     import torch
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_id)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for r, e in enumerate(examples):
-        ids[r, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
-        mask[r, :len(e["input_ids"])] = 1
-    batch = {"input_ids": ids, "attention_mask": mask}
+    ids = pad_rows([e["input_ids"] for e in examples], pad_id)
+    mask = pad_rows([[1] * len(e["input_ids"]) for e in examples], 0)
     if isinstance(examples[0]["labels"], int):
-        batch["labels"] = torch.tensor([e["labels"] for e in examples])
+        labels = torch.tensor([e["labels"] for e in examples])
     else:
-        labels = torch.full((len(examples), width), -100)
-        for r, e in enumerate(examples):
-            labels[r, :len(e["labels"])] = torch.tensor(e["labels"])
-        batch["labels"] = labels
-    return batch
+        labels = pad_rows([e["labels"] for e in examples], -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def slot_score(mr: str, text: str) -> tuple[int, int]:

@@ -31,7 +31,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
                           BertConfig, BertForPreTraining, LlamaConfig, LlamaForCausalLM,
                           PreTrainedTokenizerFast)
 
-from .data import make_corpus
+from .data import make_corpus, pad_rows
 
 ZOO_DIR = pathlib.Path(__file__).parent / "zoo_models"
 ZOO = {"zoo-decoder": ZOO_DIR / "decoder", "zoo-encoder": ZOO_DIR / "encoder"}
@@ -93,7 +93,8 @@ def _sentences(doc: str) -> list[str]:
 def _encoder_examples(corpus: list[str], tok, rng: random.Random) -> list[tuple]:
     """BERT's two objectives: every document is masked for MLM; a document of two or more sentences
     is also cut into a pair (A, B), and half the time B is replaced by text from another document.
-    Next-sentence prediction is what trains [CLS] and the pooler to summarise a sequence."""
+    Next-sentence prediction is BERT's objective for [CLS] and the pooler; at this model size it does
+    not make [CLS] a usable summary of the sentence, which is why :func:`summarise` follows."""
     docs = [_sentences(d) for d in corpus]
     out = []
     for sents in docs:
@@ -111,13 +112,6 @@ def _encoder_examples(corpus: list[str], tok, rng: random.Random) -> list[tuple]
     return out
 
 
-def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
-    x = torch.full((len(rows), max(map(len, rows))), value)
-    for r, row in enumerate(rows):
-        x[r, :len(row)] = torch.tensor(row)
-    return x
-
-
 def _mask_tokens(x: torch.Tensor, tok, gen: torch.Generator):
     """BERT's masking: 15% of real tokens are predicted; of those 80% [MASK], 10% random, 10% kept."""
     labels = x.clone()
@@ -133,15 +127,15 @@ def _mask_tokens(x: torch.Tensor, tok, gen: torch.Generator):
 
 
 def _encoder_batch(examples, tok, gen):
-    ids = _pad([e[0] for e in examples], tok.pad_token_id)
+    ids = pad_rows([e[0] for e in examples], tok.pad_token_id)
     masked, labels = _mask_tokens(ids, tok, gen)
-    return {"input_ids": masked, "token_type_ids": _pad([e[1] for e in examples], 0),
+    return {"input_ids": masked, "token_type_ids": pad_rows([e[1] for e in examples], 0),
             "attention_mask": (ids != tok.pad_token_id).long(), "labels": labels,
             "next_sentence_label": torch.tensor([e[2] for e in examples])}
 
 
 def _decoder_batch(examples, tok, gen):
-    ids = _pad(examples, tok.pad_token_id)
+    ids = pad_rows(examples, tok.pad_token_id)
     mask = (ids != tok.pad_token_id).long()
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
@@ -199,7 +193,7 @@ def summarise(model: BertForPreTraining, tok, corpus: list[str], steps: int = 30
                             betas=(0.9, 0.98))
     model.train()
     for step in range(steps):
-        ids = _pad([docs[rng.randrange(len(docs))] for _ in range(batch_size)], tok.pad_token_id)
+        ids = pad_rows([docs[rng.randrange(len(docs))] for _ in range(batch_size)], tok.pad_token_id)
         masked, labels = _mask_tokens(ids, tok, gen)
         out = model.bert(input_ids=masked, attention_mask=(ids != tok.pad_token_id).long())
         mlm = F.cross_entropy(model.cls.predictions(out.last_hidden_state).flatten(0, 1), labels.flatten())
