@@ -111,7 +111,7 @@ def _story_doc(rng, name, p, world):
     return " ".join(lines[: rng.randint(2, 4)])
 
 
-def describe_restaurant(rng: random.Random, name: str, r: dict, slots=None) -> str:
+def describe_restaurant(name: str, r: dict, slots=None) -> str:
     """A natural description of a restaurant using ``slots`` (all of them by default)."""
     slots = list(r) if slots is None else list(slots)
     parts = []
@@ -135,7 +135,7 @@ def describe_restaurant(rng: random.Random, name: str, r: dict, slots=None) -> s
 
 def _restaurant_doc(rng, name, r, world):
     slots = [s for s in r if rng.random() < 0.7]
-    return describe_restaurant(rng, name, r, slots)
+    return describe_restaurant(name, r, slots)
 
 
 def _clause(rng, positive: bool) -> str:
@@ -224,7 +224,7 @@ def _restaurant_example(rng, world):
     name = rng.choice(sorted(world["restaurants"]))
     r = world["restaurants"][name]
     slots = rng.sample(SLOT_ORDER, rng.randint(2, 6))
-    return {"mr": _mr(name, r, slots), "text": describe_restaurant(rng, name, r, slots)}
+    return {"mr": _mr(name, r, slots), "text": describe_restaurant(name, r, slots)}
 
 
 def _split(make, sizes: dict, seed: int) -> DatasetDict:
