@@ -10,36 +10,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
-import statistics
-import time
 
 import peft
 import torch
+from common import compare, device_line
 from torch import nn
 
 from pefttutor import LoRALinear
-
-
-def timed(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def compare(fns: dict, repeats: int, device) -> dict:
-    """Median seconds of each function, run in interleaved rounds after two warm-up calls."""
-    for fn in fns.values():
-        fn(), fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(timed(fn, device))
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main():
@@ -68,9 +45,7 @@ def main():
     merged = copy.deepcopy(ours).merge()
     with torch.no_grad():
         infer = compare({"merged": lambda: merged(x), "nn.Linear": lambda: base(x)}, args.repeats, device)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"device: {device} ({name}), torch {torch.__version__}, peft {peft.__version__}, "
-          f"threads {torch.get_num_threads()}")
+    print(f"{device_line(device)}, peft {peft.__version__}")
     print(f"shape {args.size}x{args.size}, r={args.rank}, x {args.batch}x{args.seq}x{args.size}, "
           f"median of {args.repeats}")
     print(f"{'what':38s} {'ms':>9s}")

@@ -30,7 +30,34 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     return (cols, rows) if isinstance(module, Conv1D) else (rows, cols)
 
 
-class AdapterLayer(nn.Module):
+class AdapterModule(nn.Module):
+    """Whatever the injector wraps: a frozen ``base`` module plus the adapter's own parameters.
+
+    ``inject`` finds targets with the class's ``find_targets``; ``save_adapter`` stores every tensor
+    of an adapter module except its base's. Modules that cannot fold into the base weight (an adapter
+    beside a whole nonlinear block) set ``mergeable = False``.
+    """
+
+    mergeable = True
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.merged = False
+
+    @classmethod
+    def find_targets(cls, model: nn.Module, targets) -> list[str]:
+        return find_targets(model, targets)
+
+    def merge(self):
+        raise ValueError(f"{type(self).__name__} cannot be merged: it is not an update of one weight "
+                         f"matrix. Keep it unmerged (it costs one small extra branch at inference).")
+
+    def unmerge(self):
+        return self
+
+
+class AdapterLayer(AdapterModule):
     """The weight-space layer protocol: ``y = base(x) + x @ delta_weight().T``.
 
     A subclass defines ``delta_weight()`` and, where the method can skip building ΔW, a faster
@@ -39,13 +66,11 @@ class AdapterLayer(nn.Module):
     """
 
     def __init__(self, base: nn.Module):
-        super().__init__()
         if not is_linear(base):
             raise TypeError(f"{type(self).__name__} wraps nn.Linear or transformers' Conv1D, "
                             f"got {type(base).__name__}")
-        self.base = base.requires_grad_(False)
+        super().__init__(base)
         self.out_features, self.in_features = linear_shape(base)
-        self.merged = False
 
     def adapter_dtype(self) -> torch.dtype:
         """Adapter weights train in fp32 when the base is stored in 16 bits (as peft does)."""
@@ -127,8 +152,8 @@ def find_targets(model: nn.Module, targets) -> list[str]:
     return found
 
 
-def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, AdapterLayer)}
+def adapter_layers(model: nn.Module) -> dict[str, AdapterModule]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdapterModule)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +168,7 @@ def inject(model: nn.Module, layer_cls, targets, *, modules_to_save=(), **hparam
     same name. Returns the model, changed in place.
     """
     wrapped = set(adapter_layers(model))
-    names = [n for n in find_targets(model, targets) if n not in wrapped]
+    names = [n for n in layer_cls.find_targets(model, targets) if n not in wrapped]
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -219,7 +244,16 @@ def trainable_parameters(model: nn.Module) -> ParameterCount:
 # Merging
 
 
+def _check_mergeable(model: nn.Module, what: str):
+    fixed = [n for n, m in adapter_layers(model).items() if not m.mergeable]
+    if fixed:
+        raise ValueError(f"cannot {what}: {type(adapter_layers(model)[fixed[0]]).__name__} at {fixed[:3]} "
+                         f"is not a weight update and cannot be folded into the base model. Merge "
+                         f"only models whose adapters are all weight-space layers (LoRA, KronA, FedPara).")
+
+
 def merge(model: nn.Module) -> nn.Module:
+    _check_mergeable(model, "merge")
     for layer in adapter_layers(model).values():
         layer.merge()
     return model
@@ -233,6 +267,7 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 def unload(model: nn.Module) -> nn.Module:
     """Fold every ΔW into its base and put the plain layers back: an ordinary model again."""
+    _check_mergeable(model, "unload")
     for name, layer in adapter_layers(model).items():
         layer.merge()
         parent_name, _, child = name.rpartition(".")
