@@ -38,7 +38,7 @@ def one_size(size: int, args, device) -> dict:
     n_kron = ours.A.numel() + ours.B.numel()
     lora = LoRALinear(copy.deepcopy(base), r=max(1, round(n_kron / (2 * size)))).to(device)
     with torch.no_grad():
-        ours.A.normal_()
+        ours.A.normal_(std=0.02)   # the size of a trained factor, not of a random N(0, 1)
         ref.lokr_w1["default"].copy_(ours.A)
         ref.lokr_w2["default"].copy_(ours.B)
     x = torch.randn(args.batch, args.seq, size, device=device, requires_grad=True)
