@@ -9,12 +9,11 @@ interleaved repeats. Budgets: <= 1.15x the reference; merged forward <= 1.02x nn
 """
 from __future__ import annotations
 
-import argparse
 import copy
 
 import peft
 import torch
-from common import compare, device_line
+from common import arguments, device_line, train_and_merged
 from torch import nn
 
 from pefttutor import FedParaLinear, LoRALinear
@@ -34,25 +33,13 @@ def one_size(size: int, args, device) -> dict:
             getattr(ours, mine).normal_(std=0.05)
             getattr(ref, theirs)["default"].copy_(getattr(ours, mine))
     x = torch.randn(args.batch, args.seq, size, device=device, requires_grad=True)
-    step = lambda layer: (lambda: layer(x).sum().backward())
-    t = compare({"fedpara": step(ours), "loha": step(ref), "lora": step(lora)}, args.repeats, device)
-    merged = copy.deepcopy(ours).merge()
-    with torch.no_grad():
-        t.update(compare({"merged": lambda: merged(x), "linear": lambda: base(x)}, args.repeats, device))
+    t = train_and_merged({"fedpara": ours, "loha": ref, "lora": lora}, ours, base, x, args.repeats, device)
     err = (ours(x) - ref(x)).abs().max().item()
     return {"size": size, "err": err, **t}
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048, 4096])
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-    device = torch.device(args.device)
+    args, device = arguments(__doc__, rank=8)
     print(f"{device_line(device)}, peft {peft.__version__}")
     print(f"r={args.rank} (LoRA r={2 * args.rank}), x {args.batch}x{args.seq}xsize, "
           f"forward+backward in ms (median of {args.repeats})")

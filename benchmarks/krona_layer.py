@@ -9,12 +9,11 @@ Run it on an idle machine; the numbers are for that machine.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 
 import peft
 import torch
-from common import compare, device_line
+from common import arguments, device_line, train_and_merged
 from torch import nn
 
 from pefttutor import KronALinear, LoRALinear
@@ -22,8 +21,7 @@ from pefttutor import KronALinear, LoRALinear
 
 def lokr_layer(base: nn.Linear):
     """peft's LoKr with both factors full: r at least half the larger factor side (w1 is always full)."""
-    d = base.out_features
-    r = d  # large enough that use_w2 holds for any factorisation
+    r = base.out_features       # large enough that use_w2 holds for any factorisation
     config = peft.LoKrConfig(r=r, alpha=r, init_weights=False)
     layer = peft.tuners.lokr.layer.Linear(base, "default", config=config, r=r, alpha=r)
     layer.base_layer.requires_grad_(False)
@@ -42,24 +40,13 @@ def one_size(size: int, args, device) -> dict:
         ref.lokr_w1["default"].copy_(ours.A)
         ref.lokr_w2["default"].copy_(ours.B)
     x = torch.randn(args.batch, args.seq, size, device=device, requires_grad=True)
-    step = lambda layer: (lambda: layer(x).sum().backward())
-    t = compare({"krona": step(ours), "lokr": step(ref), "lora": step(lora)}, args.repeats, device)
-    merged = copy.deepcopy(ours).merge()
-    with torch.no_grad():
-        t.update(compare({"merged": lambda: merged(x), "linear": lambda: base(x)}, args.repeats, device))
+    t = train_and_merged({"krona": ours, "lokr": ref, "lora": lora}, ours, base, x, args.repeats, device)
     err = (ours(x) - ref(x)).abs().max().item()
     return {"size": size, "params": n_kron, "lora_r": lora.r, "err": err, **t}
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048, 4096])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-    device = torch.device(args.device)
+    args, device = arguments(__doc__)
     print(f"{device_line(device)}, peft {peft.__version__}")
     print(f"x {args.batch}x{args.seq}xsize, forward+backward in ms (median of {args.repeats})")
     print(f"{'size':>5s} {'params':>7s} {'KronA':>9s} {'LoKr':>9s} {'LoRA(r)':>12s} {'KronA/LoKr':>11s} "

@@ -1,6 +1,6 @@
 """LoRALinear against peft's LoRA layer, and a merged LoRALinear against nn.Linear.
 
-    python benchmarks/lora_layer.py [--size 4096] [--rank 16] [--batch 8] [--seq 128] [--repeats 20]
+    python benchmarks/lora_layer.py [--sizes 4096] [--rank 16] [--batch 8] [--seq 128] [--repeats 20]
 
 Prints median times and the two ratios the design budgets (forward + backward <= 1.15x peft's;
 merged forward <= 1.02x nn.Linear). Times are medians over interleaved repeats, so slow drifts of
@@ -8,54 +8,38 @@ the machine hit both sides alike. Run it on an idle machine; the numbers are for
 """
 from __future__ import annotations
 
-import argparse
 import copy
 
 import peft
 import torch
-from common import compare, device_line
+from common import arguments, device_line, train_and_merged
 from torch import nn
 
 from pefttutor import LoRALinear
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=int, default=4096)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-    device = torch.device(args.device)
+def one_size(size: int, args, device) -> dict:
     torch.manual_seed(0)
-    base = nn.Linear(args.size, args.size).to(device)
+    base = nn.Linear(size, size).to(device)
     ours = LoRALinear(copy.deepcopy(base), r=args.rank, alpha=2 * args.rank)
     config = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank)
     ref = peft.tuners.lora.layer.Linear(copy.deepcopy(base), "default", config=config, r=args.rank,
                                         lora_alpha=2 * args.rank).to(device)
     ref.base_layer.requires_grad_(False)   # get_peft_model freezes the base; a standalone layer does not
-    x = torch.randn(args.batch, args.seq, args.size, device=device, requires_grad=True)
+    x = torch.randn(args.batch, args.seq, size, device=device, requires_grad=True)
+    return train_and_merged({"pefttutor": ours, "peft": ref}, ours, base, x, args.repeats, device)
 
-    def step(layer):
-        return lambda: layer(x).sum().backward()
 
-    train = compare({"pefttutor": step(ours), "peft": step(ref)}, args.repeats, device)
-    merged = copy.deepcopy(ours).merge()
-    with torch.no_grad():
-        infer = compare({"merged": lambda: merged(x), "nn.Linear": lambda: base(x)}, args.repeats, device)
+def main():
+    args, device = arguments(__doc__, sizes=[4096], repeats=20, rank=16)
     print(f"{device_line(device)}, peft {peft.__version__}")
-    print(f"shape {args.size}x{args.size}, r={args.rank}, x {args.batch}x{args.seq}x{args.size}, "
-          f"median of {args.repeats}")
-    print(f"{'what':38s} {'ms':>9s}")
-    for label, t in [("forward+backward LoRALinear", train["pefttutor"]),
-                     ("forward+backward peft lora.Linear", train["peft"]),
-                     ("forward merged LoRALinear", infer["merged"]),
-                     ("forward nn.Linear", infer["nn.Linear"])]:
-        print(f"{label:38s} {1e3 * t:9.2f}")
-    print(f"ratio train  pefttutor / peft     = {train['pefttutor'] / train['peft']:.3f}  (budget <= 1.15)")
-    print(f"ratio merged LoRALinear / Linear  = {infer['merged'] / infer['nn.Linear']:.3f}  (budget <= 1.02)")
+    print(f"r={args.rank}, x {args.batch}x{args.seq}xsize, median of {args.repeats}, ms")
+    print(f"{'size':>5s} {'LoRALinear':>11s} {'peft':>9s} {'ours/peft':>10s} {'merged':>9s} {'Linear':>9s} "
+          f"{'merged/Linear':>14s}   (budgets: train <= 1.15, merged <= 1.02)")
+    for size in args.sizes:
+        t = one_size(size, args, device)
+        print(f"{size:5d} {1e3 * t['pefttutor']:11.2f} {1e3 * t['peft']:9.2f} {t['pefttutor'] / t['peft']:10.3f} "
+              f"{1e3 * t['merged']:9.2f} {1e3 * t['linear']:9.2f} {t['merged'] / t['linear']:14.3f}")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,11 @@ class AdapterModule(nn.Module):
     def find_targets(cls, model: nn.Module, targets) -> list[str]:
         return find_targets(model, targets)
 
+    def adapter_dtype(self) -> torch.dtype:
+        """Adapter weights train in fp32 when the base is stored in 16 bits (as peft does)."""
+        dtype = next(self.base.parameters()).dtype
+        return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
     def merge(self):
         raise ValueError(f"{type(self).__name__} cannot be merged: it is not an update of one weight "
                          f"matrix. Keep it unmerged (it costs one small extra branch at inference).")
@@ -71,11 +76,6 @@ class AdapterLayer(AdapterModule):
                             f"got {type(base).__name__}")
         super().__init__(base)
         self.out_features, self.in_features = linear_shape(base)
-
-    def adapter_dtype(self) -> torch.dtype:
-        """Adapter weights train in fp32 when the base is stored in 16 bits (as peft does)."""
-        dtype = self.base.weight.dtype
-        return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError
@@ -245,9 +245,10 @@ def trainable_parameters(model: nn.Module) -> ParameterCount:
 
 
 def _check_mergeable(model: nn.Module, what: str):
-    fixed = [n for n, m in adapter_layers(model).items() if not m.mergeable]
+    layers = adapter_layers(model)
+    fixed = [n for n, m in layers.items() if not m.mergeable]
     if fixed:
-        raise ValueError(f"cannot {what}: {type(adapter_layers(model)[fixed[0]]).__name__} at {fixed[:3]} "
+        raise ValueError(f"cannot {what}: {type(layers[fixed[0]]).__name__} at {fixed[:3]} "
                          f"is not a weight update and cannot be folded into the base model. Merge "
                          f"only models whose adapters are all weight-space layers (LoRA, KronA, FedPara).")
 

@@ -12,7 +12,7 @@ import numbers
 import torch
 from torch import nn
 
-from .inject import AdapterLayer, AdapterModule, linear_names, linear_shape
+from .inject import AdapterLayer, AdapterModule, _matches, is_linear, linear_shape
 
 
 def divisor_pair(n: int) -> tuple[int, int]:
@@ -60,7 +60,31 @@ def kron_apply(A: torch.Tensor, B: torch.Tensor, x: torch.Tensor) -> torch.Tenso
     return Y.reshape(*lead, a1 * b1)
 
 
-class KronALinear(AdapterLayer):
+class KroneckerFactors:
+    """The factors A (a1, a2), B (b1, b2) and scale s that KronALinear and KronABlock share.
+
+    A starts at zero (the adapted model is the base model at initialisation), B Kaiming-uniform, as
+    in peft's LoKr.
+    """
+
+    def _init_factors(self, d: int, k: int, a_shape, scale: float):
+        if not isinstance(scale, numbers.Real) or isinstance(scale, bool) or scale == 0:
+            raise ValueError(f"{type(self).__name__} scale={scale!r} must be a nonzero number")
+        (a1, a2), (b1, b2) = kron_shapes(d, k, a_shape)
+        self.scale = float(scale)
+        kw = dict(dtype=self.adapter_dtype(), device=next(self.base.parameters()).device)
+        self.A = nn.Parameter(torch.zeros(a1, a2, **kw))   # (a1, a2): zero, so ΔW = 0 at init
+        self.B = nn.Parameter(torch.empty(b1, b2, **kw))   # (b1, b2)
+        nn.init.kaiming_uniform_(self.B, a=math.sqrt(5))
+
+    def delta_weight(self) -> torch.Tensor:
+        return torch.kron(self.A, self.B) * self.scale     # (out, in): for merging and inspection only
+
+    def kron_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kron_apply(self.A, self.B, x.to(self.A.dtype)) * self.scale
+
+
+class KronALinear(KroneckerFactors, AdapterLayer):
     """``y = base(x) + scale * x @ kron(A, B).T`` with A (a1, a2), B (b1, b2), a1 b1 = out, a2 b2 = in.
 
     rank(A ⊗ B) = rank(A) rank(B), so a1 a2 + b1 b2 parameters can reach full rank. A starts at
@@ -70,20 +94,10 @@ class KronALinear(AdapterLayer):
 
     def __init__(self, base: nn.Module, a_shape=None, scale: float = 1.0):
         super().__init__(base)
-        if not isinstance(scale, numbers.Real) or isinstance(scale, bool) or scale == 0:
-            raise ValueError(f"KronA scale={scale!r} must be a nonzero number")
-        (a1, a2), (b1, b2) = kron_shapes(self.out_features, self.in_features, a_shape)
-        self.scale = float(scale)
-        kw = dict(dtype=self.adapter_dtype(), device=base.weight.device)
-        self.A = nn.Parameter(torch.zeros(a1, a2, **kw))   # (a1, a2): zero, so ΔW = 0 at init
-        self.B = nn.Parameter(torch.empty(b1, b2, **kw))   # (b1, b2)
-        nn.init.kaiming_uniform_(self.B, a=math.sqrt(5))
-
-    def delta_weight(self) -> torch.Tensor:
-        return torch.kron(self.A, self.B) * self.scale     # (out, in): for merging and inspection only
+        self._init_factors(self.out_features, self.in_features, a_shape, scale)
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kron_apply(self.A, self.B, x.to(self.A.dtype)) * self.scale
+        return self.kron_forward(x)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, A={tuple(self.A.shape)}, B={tuple(self.B.shape)}, "
@@ -101,7 +115,7 @@ def _ffn_style(module: nn.Module) -> str | None:
     return None
 
 
-class KronABlock(AdapterModule):
+class KronABlock(KroneckerFactors, AdapterModule):
     """KronA^B: a Kronecker adapter in parallel with a whole feed-forward block.
 
     ``out = ffn(x) + scale * x @ kron(A, B).T`` (plus ``res_scale * x`` with ``residual=True``, the
@@ -119,27 +133,18 @@ class KronABlock(AdapterModule):
                             f"'output'), got {type(base).__name__}")
         super().__init__(base)
         self.style = style
-        if self.style == "bert":
+        if style == "bert":
             d = base.dense.out_features
-        else:
-            shapes = [linear_shape(m) for n, m in base.named_modules() if n in linear_names(base)]
-            d = shapes[0][1]
-        if not isinstance(scale, numbers.Real) or isinstance(scale, bool) or scale == 0:
-            raise ValueError(f"KronAB scale={scale!r} must be a nonzero number")
-        (a1, a2), (b1, b2) = kron_shapes(d, d, a_shape)
-        self.d_model, self.scale, self.residual = d, float(scale), bool(residual)
-        p = next(base.parameters())
-        dtype = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
-        self.A = nn.Parameter(torch.zeros(a1, a2, dtype=dtype, device=p.device))
-        self.B = nn.Parameter(torch.empty(b1, b2, dtype=dtype, device=p.device))
-        nn.init.kaiming_uniform_(self.B, a=math.sqrt(5))
+        else:                                   # the FFN's first linear layer reads d_model inputs
+            d = next(linear_shape(m) for m in base.modules() if is_linear(m))[1]
+        self.d_model, self.residual = d, bool(residual)
+        self._init_factors(d, d, a_shape, scale)
         if self.residual:
-            self.res_scale = nn.Parameter(torch.zeros((), dtype=dtype, device=p.device))
+            self.res_scale = nn.Parameter(torch.zeros((), dtype=self.A.dtype, device=self.A.device))
 
     @classmethod
     def find_targets(cls, model: nn.Module, targets="ffn") -> list[str]:
         """``"ffn"`` finds every feed-forward block; a list of name suffixes or a regex also works."""
-        from .inject import _matches
         blocks = [n for n, m in model.named_modules() if n and _ffn_style(m) and not n.endswith(".base")]
         found = blocks if targets == "ffn" else [n for n in blocks if _matches(n, targets)]
         if not found:
@@ -148,13 +153,9 @@ class KronABlock(AdapterModule):
                              f"Use targets='ffn' for all of them.")
         return found
 
-    def delta_weight(self) -> torch.Tensor:
-        return torch.kron(self.A, self.B) * self.scale
-
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.to(self.A.dtype)
-        out = kron_apply(self.A, self.B, h) * self.scale
-        return out + self.res_scale * h if self.residual else out
+        out = self.kron_forward(x)
+        return out + self.res_scale * x.to(out.dtype) if self.residual else out
 
     def forward(self, *args, **kwargs):
         if self.style == "bert":                # BertOutput(h, x) = LayerNorm(dense(h) + x)

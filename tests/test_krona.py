@@ -61,7 +61,7 @@ def test_shape_errors_list_valid_factorisations(a_shape, message):
 
 
 def test_scale_error():
-    with pytest.raises(ValueError, match="KronA scale=0 must be a nonzero number"):
+    with pytest.raises(ValueError, match="KronALinear scale=0 must be a nonzero number"):
         KronALinear(nn.Linear(4, 4), scale=0)
 
 
