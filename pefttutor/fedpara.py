@@ -60,7 +60,7 @@ class FedParaLinear(AdapterLayer):
         if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool) or alpha <= 0:
             raise ValueError(f"FedPara alpha={alpha!r} must be a positive number (the scale is alpha / r)")
         self.r, self.alpha, self.scale = int(r), float(alpha), alpha / r
-        kw = dict(dtype=self.adapter_dtype(), device=base.weight.device)
+        kw = dict(dtype=self.adapter_dtype(), device=self.base_device())
         self.X1 = nn.Parameter(torch.empty(d, r, **kw))
         self.Y1 = nn.Parameter(torch.empty(r, k, **kw))
         self.X2 = nn.Parameter(torch.empty(d, r, **kw))

@@ -20,12 +20,20 @@ except ImportError:                     # pragma: no cover - transformers is a d
 HEADS = ("lm_head", "classifier", "score", "pooler")
 
 
+def is_quantized(module: nn.Module) -> bool:
+    """A linear layer whose weight is stored quantized (``pefttutor.quant.NF4Linear``)."""
+    return getattr(module, "is_quantized_linear", False)
+
+
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, Conv1D))
+    return isinstance(module, (nn.Linear, Conv1D)) or is_quantized(module)
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of an ``nn.Linear`` or a GPT-2 ``Conv1D`` (stored transposed)."""
+    """(out_features, in_features) of an ``nn.Linear``, a GPT-2 ``Conv1D`` (stored transposed) or a
+    quantized linear layer."""
+    if is_quantized(module):
+        return module.out_features, module.in_features
     rows, cols = module.weight.shape
     return (cols, rows) if isinstance(module, Conv1D) else (rows, cols)
 
@@ -49,10 +57,16 @@ class AdapterModule(nn.Module):
     def find_targets(cls, model: nn.Module, targets) -> list[str]:
         return find_targets(model, targets)
 
+    def _base_tensor(self) -> torch.Tensor:
+        return next(iter([*self.base.parameters(), *self.base.buffers()]))
+
     def adapter_dtype(self) -> torch.dtype:
-        """Adapter weights train in fp32 when the base is stored in 16 bits (as peft does)."""
-        dtype = next(self.base.parameters()).dtype
+        """Adapter weights train in fp32 when the base is stored in 16 or 4 bits (as peft does)."""
+        dtype = self._base_tensor().dtype
         return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+    def base_device(self) -> torch.device:
+        return self._base_tensor().device
 
     def merge(self):
         raise ValueError(f"{type(self).__name__} cannot be merged: it is not an update of one weight "
@@ -91,6 +105,10 @@ class AdapterLayer(AdapterModule):
 
     @torch.no_grad()
     def _add_to_base(self, sign: float):
+        if is_quantized(self.base):
+            raise ValueError(f"cannot merge {type(self).__name__} into a 4-bit base weight (adding ΔW "
+                             f"and rounding again to 4 bits would lose most of ΔW). Call "
+                             f"pefttutor.quant.dequantize_model(model) first, then merge.")
         W = self.base.weight
         dW = self.delta_weight().to(W.dtype)
         W.add_(dW.T if isinstance(self.base, Conv1D) else dW, alpha=sign)

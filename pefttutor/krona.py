@@ -72,7 +72,7 @@ class KroneckerFactors:
             raise ValueError(f"{type(self).__name__} scale={scale!r} must be a nonzero number")
         (a1, a2), (b1, b2) = kron_shapes(d, k, a_shape)
         self.scale = float(scale)
-        kw = dict(dtype=self.adapter_dtype(), device=next(self.base.parameters()).device)
+        kw = dict(dtype=self.adapter_dtype(), device=self.base_device())
         self.A = nn.Parameter(torch.zeros(a1, a2, **kw))   # (a1, a2): zero, so ΔW = 0 at init
         self.B = nn.Parameter(torch.empty(b1, b2, **kw))   # (b1, b2)
         nn.init.kaiming_uniform_(self.B, a=math.sqrt(5))

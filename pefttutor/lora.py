@@ -36,7 +36,7 @@ class LoRALinear(AdapterLayer):
             raise ValueError(f"LoRA dropout={dropout!r} must be in [0, 1)")
         self.r, self.alpha, self.rslora = int(r), float(alpha), bool(rslora)
         self.scale = alpha / math.sqrt(r) if rslora else alpha / r
-        kw = dict(dtype=self.adapter_dtype(), device=base.weight.device)
+        kw = dict(dtype=self.adapter_dtype(), device=self.base_device())
         self.A = nn.Parameter(torch.empty(r, k, **kw))   # (r, in)
         self.B = nn.Parameter(torch.zeros(d, r, **kw))   # (out, r): zero, so ΔW = 0 at init
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))

@@ -1,10 +1,20 @@
 """NF4 from scratch against bitsandbytes on CPU, bit for bit: code book, packed bytes, absmax, dequantized
-values, over dtypes, shapes and block sizes; ties, zero blocks, odd sizes, errors."""
+values, over dtypes, shapes and block sizes; ties, zero blocks, odd sizes, errors; double quantization on
+both of bitsandbytes' 8-bit paths; FP4 and int4 for comparison."""
 import bitsandbytes.functional as BF
 import pytest
 import torch
 
-from pefttutor.quant import dequantize_nf4, nf4_code_book, quantize_nf4
+from pefttutor.quant import (bits_per_parameter, dequantize_blockwise_8bit, dequantize_nf4, dynamic_code_book,
+                             fake_quantize, fp4_code_book, int4_code_book, nf4_code_book,
+                             quantize_blockwise_8bit, quantize_nf4)
+
+
+def exact_nearest_8bit(x, blocksize=256):
+    """bitsandbytes' pure-torch 8-bit kernel (its CUDA kernel's rule: the exact nearest level)."""
+    op = torch.ops.bitsandbytes.quantize_blockwise.default
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    return op.redispatch(keys, x, BF.create_dynamic_map(signed=True), blocksize)
 
 
 def test_code_book_is_bitsandbytes_table():
@@ -60,3 +70,92 @@ def test_errors(w, kwargs, error, message):
     with pytest.raises(error) as err:
         quantize_nf4(w, **kwargs)
     assert message in str(err.value)
+
+
+def test_dynamic_code_book_is_bitsandbytes_map():
+    code = dynamic_code_book()
+    assert torch.equal(code, BF.create_dynamic_map(signed=True))
+    assert code.shape == (256,) and code[-1] == 1 and (code == 0).sum() == 1 and (code.diff() > 0).all()
+
+
+@pytest.mark.parametrize("n", [1, 255, 256, 1000, 100_000])
+def test_8bit_exact_nearest_matches_bitsandbytes_torch_path(n):
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    q, absmax = quantize_blockwise_8bit(x, 256)
+    ref_q, ref_absmax = exact_nearest_8bit(x)
+    assert torch.equal(q, ref_q) and torch.equal(absmax, ref_absmax)
+    code = dynamic_code_book()                                            # and it is the nearest level
+    scaled = x / absmax.repeat_interleave(256)[:n]
+    assert torch.equal((scaled[:, None] - code).abs().min(1).values, (scaled - code[q.long()]).abs())
+
+
+@pytest.mark.parametrize("n", [255, 256, 100_000])
+def test_8bit_lookup_table_matches_bitsandbytes_cpu_kernel(n):
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    q, absmax = quantize_blockwise_8bit(x, 256, lookup_table=True)
+    ref_q, ref_state = BF.quantize_blockwise(x, blocksize=256)             # the C++ CPU kernel
+    assert torch.equal(q, ref_q) and torch.equal(absmax, ref_state.absmax)
+    assert torch.equal(dequantize_blockwise_8bit(q, absmax), BF.dequantize_blockwise(ref_q, ref_state))
+
+
+def test_lookup_table_differs_from_nearest_rarely_and_by_little():
+    x = torch.randn(100_000, generator=torch.Generator().manual_seed(1))
+    exact, _ = quantize_blockwise_8bit(x)
+    table, _ = quantize_blockwise_8bit(x, lookup_table=True)
+    differ = exact != table
+    assert 0 < differ.float().mean() < 0.01                                # measured: 0.17%
+    assert (exact.int() - table.int()).abs().max() <= 4
+
+
+@pytest.mark.parametrize("shape", [(3, 37), (128, 4096), (7,), (1,), (300, 300)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_double_quant_bit_exact_with_bitsandbytes_cpu(shape, dtype):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    ref_packed, ref = BF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    packed, state = quantize_nf4(w, 64, double_quant=True, lookup_table=True)
+    assert torch.equal(packed, ref_packed)
+    assert torch.equal(state.absmax, ref.absmax) and torch.equal(state.offset, ref.offset)
+    assert torch.equal(state.absmax_scale, ref.state2.absmax) and ref.state2.blocksize == 256
+    assert torch.equal(dequantize_nf4(packed, state), BF.dequantize_4bit(ref_packed, ref))
+
+
+def test_double_quant_keeps_the_codes_and_the_constants_close():
+    w = torch.randn(256, 1024, generator=torch.Generator().manual_seed(3))
+    plain, single = quantize_nf4(w, 64)
+    packed, double = quantize_nf4(w, 64, double_quant=True)
+    assert torch.equal(packed, plain)                                     # 4-bit codes unchanged
+    assert double.absmax.dtype == torch.uint8 and double.absmax.shape == single.absmax.shape
+    assert double.absmax_scale.shape == (single.absmax.numel() // 256,)
+    rel = ((double.constants() - single.absmax).abs() / single.absmax).max()
+    assert rel < 0.01
+    ref = exact_nearest_8bit(single.absmax - single.absmax.mean())        # the exact-nearest path
+    assert torch.equal(double.absmax, ref[0]) and torch.equal(double.absmax_scale, ref[1])
+
+
+def test_bits_per_parameter():
+    assert bits_per_parameter(64) == 4.5
+    assert abs(bits_per_parameter(64, double_quant=True) - 4.127) < 1e-3
+    assert bits_per_parameter(64) - bits_per_parameter(64, True) == pytest.approx(0.373, abs=1e-3)
+    w = torch.randn(512, 512)
+    for dq in (False, True):
+        packed, s = quantize_nf4(w, 64, double_quant=dq)
+        tensors = [packed, s.absmax] + ([s.absmax_scale] if dq else [])
+        bits = 8 * sum(t.numel() * t.element_size() for t in tensors) / w.numel()
+        assert bits == pytest.approx(bits_per_parameter(64, dq))
+
+
+def test_fp4_code_book_and_fake_quantize_match_bitsandbytes():
+    assert torch.equal(fp4_code_book(), BF.get_4bit_type("fp4", device="cpu"))
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(4))
+    packed, state = BF.quantize_4bit(w, blocksize=64, quant_type="fp4")
+    assert torch.equal(fake_quantize(w, fp4_code_book()), BF.dequantize_4bit(packed, state))
+    packed, state = BF.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    assert torch.equal(fake_quantize(w, nf4_code_book()), BF.dequantize_4bit(packed, state))
+
+
+def test_nf4_has_the_lowest_error_on_normal_weights():
+    w = torch.randn(512, 512, generator=torch.Generator().manual_seed(5))
+    err = {name: (fake_quantize(w, code) - w).pow(2).mean().item()
+           for name, code in [("nf4", nf4_code_book()), ("fp4", fp4_code_book()), ("int4", int4_code_book())]}
+    assert err["nf4"] < err["fp4"] and err["nf4"] < err["int4"]
+    assert int4_code_book().numel() == 15 and torch.equal(int4_code_book(), -int4_code_book().flip(0))

@@ -1,8 +1,10 @@
-"""NF4: 4-bit NormalFloat, blockwise absmax quantization and nibble packing, bit for bit as bitsandbytes.
+"""NF4: 4-bit NormalFloat, blockwise absmax quantization, nibble packing and double quantization,
+bit for bit as bitsandbytes.
 
-Dettmers et al., 2023, arXiv 2305.14314. The code book is derived from normal quantiles (equal
-probability mass per level, the information-theoretic optimum for normally distributed weights);
-blocks run over the flattened tensor, each with its own fp32 absmax.
+Defined in the chapter "QLoRA" (book/qlora.ipynb). Dettmers et al., 2023, arXiv 2305.14314. The code
+book is derived from normal quantiles (equal probability mass per level, the information-theoretic
+optimum for normally distributed weights); blocks run over the flattened tensor, each with its own fp32
+absmax; double quantization stores those absmax values in 8 bits (Dettmers et al., 2022, 2110.02861).
 """
 from __future__ import annotations
 
@@ -27,13 +29,105 @@ def nf4_code_book(offset: float = OFFSET) -> torch.Tensor:
     return levels / levels.max()                 # normalised in fp32, as bitsandbytes does
 
 
+def dynamic_code_book() -> torch.Tensor:
+    """The 256 levels of bitsandbytes' signed 8-bit dynamic type, sorted, from about -0.993 to 1.
+
+    A sign bit, then a run of zeros that acts as the exponent (each zero divides by 10), an indicator
+    bit, and the remaining bits as a linear fraction: level i of exponent e is 10^-e times the
+    midpoints of a linear grid from 0.1 to 1 with 2^(6-e) + 1 points. Adding 0 and 1 gives 256 values.
+    """
+    levels = [torch.zeros(1), torch.ones(1)]
+    for i in range(7):                                         # exponent 10^(i-6): 2^i levels each
+        grid = torch.linspace(0.1, 1, 2 ** i + 1)
+        means = (grid[:-1] + grid[1:]) / 2 * 10 ** (i - 6)     # float32, as bitsandbytes computes it
+        levels += [means, -means]
+    return torch.cat(levels).sort().values
+
+
+def _scale_blocks(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (n,) fp32 -> (x / absmax of its block clamped to [-1, 1], absmax per block)."""
+    n = x.numel()
+    full = n - n % blocksize
+    blocks = x[:full].reshape(-1, blocksize)                            # (full blocks, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1).reshape(-1)
+    if full < n:                                                        # a last, shorter block
+        last = x[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, last[None]])
+        scaled = torch.cat([scaled, (x[full:] / last).clamp(-1, 1)])
+    return scaled, absmax
+
+
+def _nearest(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest level of a sorted code book; a value on a midpoint goes to the lower."""
+    return torch.bucketize(scaled, (code[:-1] + code[1:]) / 2)
+
+
+def _lookup_table(code: torch.Tensor, size: int = 65536) -> torch.Tensor:
+    """bitsandbytes' CPU 8-bit path: the code of each of 65,536 evenly spaced points in [-1, 1]."""
+    grid = torch.arange(size, dtype=torch.float32) / (size - 1) * 2 - 1
+    return _nearest(grid, code)
+
+
+def _scale_by_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    return values * absmax.repeat_interleave(blocksize)[:values.numel()]
+
+
+def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = 256, lookup_table: bool = False):
+    """8-bit blockwise quantization with the dynamic code: (uint8 codes, fp32 absmax per block).
+
+    ``lookup_table=False`` picks the exact nearest level, as bitsandbytes does on CUDA and in its
+    pure-torch path; ``True`` reproduces its CPU kernel, which rounds x / absmax to a grid of 65,536
+    points first and so, now and then, lands a few levels away from the nearest.
+    """
+    scaled, absmax = _scale_blocks(x.reshape(-1).float(), blocksize)
+    code = dynamic_code_book()
+    if lookup_table:
+        index = torch.floor((scaled + 1) / 2 * 65535 + 0.5).long()   # halves round up, as in C++
+        q = _lookup_table(code)[index]
+        zero = absmax <= 1e-38                # the CPU kernel divides 0 by 0: absmax 0, code 0
+        absmax = absmax.masked_fill(zero, 0.0)
+        q = q.masked_fill(zero.repeat_interleave(blocksize)[:q.numel()], 0)
+    else:
+        q = _nearest(scaled, code)
+    return q.to(torch.uint8), absmax
+
+
+def dequantize_blockwise_8bit(q: torch.Tensor, absmax: torch.Tensor, blocksize: int = 256):
+    return _scale_by_blocks(dynamic_code_book()[q.long()], absmax, blocksize)
+
+
 @dataclass
 class NF4State:
-    """What dequantization needs besides the packed codes."""
-    absmax: torch.Tensor          # (number of blocks,) fp32: max |x| of each block
+    """What dequantization needs besides the packed codes.
+
+    Without double quantization ``absmax`` is the fp32 max |x| of each block. With it, ``absmax``
+    holds uint8 codes of ``absmax - offset`` in the dynamic 8-bit type, blocks of 256, and
+    ``absmax_scale`` the fp32 absmax of each of those blocks.
+    """
+    absmax: torch.Tensor          # (blocks,) fp32, or (blocks,) uint8 when double-quantized
     shape: torch.Size
     dtype: torch.dtype
     blocksize: int
+    offset: torch.Tensor | None = None          # fp32 mean of the absmax values (double quant)
+    absmax_scale: torch.Tensor | None = None    # (ceil(blocks / 256),) fp32 (double quant)
+
+    DQ_BLOCKSIZE = 256
+
+    @property
+    def double_quant(self) -> bool:
+        return self.offset is not None
+
+    def constants(self) -> torch.Tensor:
+        """The fp32 absmax of every block (dequantized first when double-quantized)."""
+        if not self.double_quant:
+            return self.absmax
+        return dequantize_blockwise_8bit(self.absmax, self.absmax_scale, self.DQ_BLOCKSIZE) + self.offset
+
+    def to(self, device) -> "NF4State":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return NF4State(move(self.absmax), self.shape, self.dtype, self.blocksize, move(self.offset),
+                        move(self.absmax_scale))
 
 
 def _check(w: torch.Tensor, blocksize: int):
@@ -47,37 +141,68 @@ def _check(w: torch.Tensor, blocksize: int):
         raise ValueError("quantize_nf4 got an empty tensor")
 
 
-def quantize_nf4(w: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, NF4State]:
+def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False,
+                 lookup_table: bool = False) -> tuple[torch.Tensor, NF4State]:
     """Packed codes ((n + 1) // 2, 1) uint8, two per byte, element 2i in the high nibble, and the state.
 
     Each block of ``blocksize`` consecutive elements of the flattened tensor is divided by its absmax,
     and every value gets the index of the nearest level (a tie goes to the lower one).
+    ``double_quant=True`` stores the absmax values in 8 bits (offset = their mean, blocks of 256);
+    ``lookup_table`` selects bitsandbytes' CPU rounding for that step (see ``quantize_blockwise_8bit``).
     """
     _check(w, blocksize)
-    x = w.reshape(-1).float()
-    n = x.numel()
-    full = n - n % blocksize
-    blocks = x[:full].reshape(-1, blocksize)                            # (full blocks, blocksize)
-    absmax = blocks.abs().amax(dim=1)
-    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1).reshape(-1)
-    if full < n:                                                        # a last, shorter block
-        last = x[full:].abs().max().clamp(min=1e-38)
-        absmax = torch.cat([absmax, last[None]])
-        scaled = torch.cat([scaled, (x[full:] / last).clamp(-1, 1)])
-    if n % 2:
+    scaled, absmax = _scale_blocks(w.reshape(-1).float(), blocksize)
+    if scaled.numel() % 2:
         scaled = torch.cat([scaled, scaled.new_zeros(1)])               # pad: code of 0.0
-    code = nf4_code_book()
-    midpoints = (code[:-1] + code[1:]) / 2
-    q = torch.bucketize(scaled, midpoints).to(torch.uint8)              # on a midpoint: the lower level
+    q = _nearest(scaled, nf4_code_book()).to(torch.uint8)
     packed = ((q[0::2] << 4) | q[1::2])[:, None]
-    return packed, NF4State(absmax, w.shape, w.dtype, blocksize)
+    state = NF4State(absmax, w.shape, w.dtype, blocksize)
+    if double_quant:
+        offset = absmax.mean()
+        codes, scale = quantize_blockwise_8bit(absmax - offset, NF4State.DQ_BLOCKSIZE, lookup_table)
+        state = NF4State(codes, w.shape, w.dtype, blocksize, offset, scale)
+    return packed, state
+
+
+def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
+    flat = packed.reshape(-1)
+    return torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:n].long()   # high nibble first
 
 
 def dequantize_nf4(packed: torch.Tensor, state: NF4State) -> torch.Tensor:
     """code_book[nibble] * absmax of its block, computed in fp32, returned in the original dtype."""
-    flat = packed.reshape(-1)
-    q = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1).long()  # high nibble first
     n = prod(state.shape)
-    values = nf4_code_book()[q][:n]
-    scale = state.absmax.repeat_interleave(state.blocksize)[:n]
-    return (values * scale).reshape(state.shape).to(state.dtype)
+    values = nf4_code_book().to(packed.device)[unpack_nibbles(packed, n)]
+    return _scale_by_blocks(values, state.constants(), state.blocksize).reshape(state.shape).to(state.dtype)
+
+
+def bits_per_parameter(blocksize: int = 64, double_quant: bool = False, dq_blocksize: int = 256) -> float:
+    """4 bits per code plus the block constants: 32 / blocksize bits without double quantization,
+    8 / blocksize + 32 / (blocksize * dq_blocksize) with it (the offset, one number, is ignored)."""
+    constants = 8 / blocksize + 32 / (blocksize * dq_blocksize) if double_quant else 32 / blocksize
+    return 4 + constants
+
+
+# ---------------------------------------------------------------------------------------------
+# Other 4-bit code books, for comparison
+
+
+def fp4_code_book() -> torch.Tensor:
+    """bitsandbytes' FP4 (E2M1) levels by code index: bit 3 is the sign, the rest exponent and
+    mantissa; scaled so the largest is 1. Not sorted (index order matters for the packed bytes)."""
+    magnitudes = torch.tensor([0, 0.0625, 8, 12, 4, 6, 2, 3]) / 12
+    return torch.cat([magnitudes, -magnitudes])
+
+
+def int4_code_book() -> torch.Tensor:
+    """Symmetric 4-bit integers with absmax scaling: k / 7 for k = -7..7 (15 levels, one code unused)."""
+    return torch.arange(-7, 8) / 7
+
+
+def fake_quantize(w: torch.Tensor, code: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
+    """Quantize to the nearest level of any code book with blockwise absmax and return the
+    dequantized tensor (what the network computes with), in the input's dtype."""
+    _check(w, blocksize)
+    levels = code.float().unique()                                      # sorted, duplicates (±0) merged
+    scaled, absmax = _scale_blocks(w.reshape(-1).float(), blocksize)
+    return _scale_by_blocks(levels[_nearest(scaled, levels)], absmax, blocksize).reshape(w.shape).to(w.dtype)
