@@ -128,11 +128,6 @@ class NF4State:
             return self.absmax
         return dequantize_blockwise_8bit(self.absmax, self.absmax_scale, self.DQ_BLOCKSIZE) + self.offset
 
-    def to(self, device) -> "NF4State":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return NF4State(move(self.absmax), self.shape, self.dtype, self.blocksize, move(self.offset),
-                        move(self.absmax_scale))
-
 
 def _check(w: torch.Tensor, blocksize: int):
     if not isinstance(w, torch.Tensor) or not w.is_floating_point():
@@ -166,11 +161,6 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
         codes, scale = quantize_blockwise_8bit(absmax - offset, NF4State.DQ_BLOCKSIZE, lookup_table)
         state = NF4State(codes, w.shape, w.dtype, blocksize, offset, scale)
     return packed, state
-
-
-def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
-    flat = packed.reshape(-1)
-    return torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:n].long()   # high nibble first
 
 
 def _byte_table(device) -> torch.Tensor:
