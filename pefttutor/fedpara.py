@@ -8,21 +8,19 @@ W = W1 ⊙ (W2 + 1), where W1 is shared with the server and W2 stays on the clie
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import checks
+from .checks import check_rank
 from .inject import AdapterLayer
 
 
-def _check_rank(r, d: int, k: int, who: str):
-    if not isinstance(r, numbers.Integral) or isinstance(r, bool) or not 1 <= r <= min(d, k):
-        raise ValueError(f"{who} rank r={r!r} does not fit a layer with out_features={d} and in_features={k}: "
-                         f"choose an integer 1 <= r <= {min(d, k)}. Each factor product has rank r and "
-                         f"their Hadamard product rank up to r^2, so r = {math.ceil(math.sqrt(min(d, k)))} "
-                         f"already allows full rank.")
+def _check_rank(r, d: int, k: int, who: str) -> int:
+    return check_rank(r, d, k, who, f"Each factor product has rank r and their Hadamard product rank up "
+                                    f"to r^2, so r = {math.ceil(math.sqrt(min(d, k)))} already allows full rank")
 
 
 def khatri_rao(X1: torch.Tensor, Y1: torch.Tensor, X2: torch.Tensor, Y2: torch.Tensor):
@@ -56,10 +54,9 @@ class FedParaLinear(AdapterLayer):
     def __init__(self, base: nn.Module, r: int = 8, alpha: float = 8):
         super().__init__(base)
         d, k = self.out_features, self.in_features
-        _check_rank(r, d, k, "FedPara")
-        if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool) or alpha <= 0:
-            raise ValueError(f"FedPara alpha={alpha!r} must be a positive number (the scale is alpha / r)")
-        self.r, self.alpha, self.scale = int(r), float(alpha), alpha / r
+        self.r = _check_rank(r, d, k, "FedPara")
+        self.alpha = checks.positive("alpha", alpha, who="FedPara ", hint=" (the scale is alpha / r)")
+        self.scale = self.alpha / self.r
         kw = dict(dtype=self.adapter_dtype(), device=self.base_device())
         self.X1 = nn.Parameter(torch.empty(d, r, **kw))
         self.Y1 = nn.Parameter(torch.empty(r, k, **kw))
@@ -89,7 +86,11 @@ class HadamardLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, r: int, bias: bool = True,
                  personal: bool = False):
         super().__init__()
-        _check_rank(r, out_features, in_features, "HadamardLinear")
+        in_features = checks.integer("in_features", in_features, low=1, who="HadamardLinear ")
+        out_features = checks.integer("out_features", out_features, low=1, who="HadamardLinear ")
+        r = _check_rank(r, out_features, in_features, "HadamardLinear")
+        bias = checks.boolean("bias", bias, who="HadamardLinear ")
+        personal = checks.boolean("personal", personal, who="HadamardLinear ")
         self.in_features, self.out_features, self.r, self.personal = in_features, out_features, r, personal
         target = 2.0 / in_features                        # He: Var(W) = 2 / fan_in
         # FedPara: Var(W1 ⊙ W2) = (r s⁴)², pFedPara: Var(W1) = r s⁴ (W2 starts near 0)

@@ -1,16 +1,24 @@
 """The core every method uses: wrap a model's linear layers, freeze the rest, count, merge, save, load.
 
 Defined in the chapter "LoRA" (book/lora.ipynb), where the injector is built step by step.
+
+Every operation here that changes a model is atomic: it checks everything it can first, records what
+it changes as it goes, and on any error puts the model back exactly as it was before raising.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from . import checks
 
 try:                                    # GPT-2 stores its projections as Conv1D: y = x @ W + b
     from transformers.pytorch_utils import Conv1D
@@ -18,6 +26,7 @@ except ImportError:                     # pragma: no cover - transformers is a d
     Conv1D = ()
 
 HEADS = ("lm_head", "classifier", "score", "pooler")
+_MODEL_ATTRS = ("pefttutor_config", "pefttutor_modules_to_save")
 
 
 def is_quantized(module: nn.Module) -> bool:
@@ -68,9 +77,13 @@ class AdapterModule(nn.Module):
     def base_device(self) -> torch.device:
         return self._base_tensor().device
 
-    def merge(self):
+    def check_mergeable(self):
+        """Raise the error ``merge`` would raise, without changing anything."""
         raise ValueError(f"{type(self).__name__} cannot be merged: it is not an update of one weight "
                          f"matrix. Keep it unmerged (it costs one small extra branch at inference).")
+
+    def merge(self):
+        self.check_mergeable()
 
     def unmerge(self):
         return self
@@ -103,18 +116,21 @@ class AdapterLayer(AdapterModule):
             return y
         return y + self.adapter_forward(x).to(y.dtype)
 
-    @torch.no_grad()
-    def _add_to_base(self, sign: float):
+    def check_mergeable(self):
         if is_quantized(self.base):
             raise ValueError(f"cannot merge {type(self).__name__} into a 4-bit base weight (adding ΔW "
                              f"and rounding again to 4 bits would lose most of ΔW). Call "
                              f"pefttutor.quant.dequantize_model(model) first, then merge.")
+
+    @torch.no_grad()
+    def _add_to_base(self, sign: float):
         W = self.base.weight
         dW = self.delta_weight().to(W.dtype)
         W.add_(dW.T if isinstance(self.base, Conv1D) else dW, alpha=sign)
 
     def merge(self):
         if not self.merged:
+            self.check_mergeable()
             self._add_to_base(1.0)
             self.merged = True
         return self
@@ -127,6 +143,59 @@ class AdapterLayer(AdapterModule):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, merged={self.merged}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Changing a model atomically
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module):
+    """Put ``module`` at the dotted ``name`` (``"model.layers.0.mlp"``) inside ``model``."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, module)
+
+
+class Changes:
+    """An undo log: what an operation changed, so that an error can restore the model exactly.
+
+    It remembers every parameter's ``requires_grad`` and the model's pefttutor attributes when it is
+    created, and each module or parameter that ``replace`` swaps afterwards."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.flags = [(p, p.requires_grad) for p in model.parameters()]
+        self.attrs = {a: getattr(model, a) for a in _MODEL_ATTRS if hasattr(model, a)}
+        self.swaps = []
+
+    def replace(self, name: str, new):
+        """Swap the submodule (or a module's parameter, ``"lm_head.weight"``) at ``name`` for ``new``."""
+        parent_name, _, child = name.rpartition(".")
+        parent = self.model.get_submodule(parent_name)
+        self.swaps.append((parent, child, getattr(parent, child)))
+        setattr(parent, child, new)
+
+    def undo(self):
+        for parent, child, old in reversed(self.swaps):
+            setattr(parent, child, old)
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+        for a in _MODEL_ATTRS:
+            if a in self.attrs:
+                setattr(self.model, a, self.attrs[a])
+            elif hasattr(self.model, a):
+                delattr(self.model, a)
+
+
+@contextlib.contextmanager
+def atomic(model: nn.Module):
+    """``with atomic(model) as changes:`` runs an operation that either completes or, on any error,
+    leaves ``model`` as it was (module swaps made through ``changes.replace`` are undone)."""
+    changes = Changes(model)
+    try:
+        yield changes
+    except BaseException:
+        changes.undo()
+        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,18 +222,42 @@ def _no_match_message(model, targets) -> str:
             f"for example {names[:3]}.")
 
 
+def check_targets(targets):
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as err:
+            raise ValueError(f"targets={targets!r} is not a valid regular expression ({err}); "
+                             f"pass a list of module-name suffixes instead, e.g. ['q_proj', 'v_proj']") from None
+        return
+    if not (isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) for t in targets)):
+        raise TypeError(f"targets must be a list of module-name suffixes or a regular expression, "
+                        f"got {targets!r}")
+
+
+def refuse_adapted(model: nn.Module, names: list[str], targets):
+    """A layer takes one adapter: raise if ``targets`` select layers that already carry one."""
+    if names:
+        kinds = sorted({type(model.get_submodule(n)).__name__ for n in names})
+        raise ValueError(f"targets={targets!r} select {len(names)} layer(s) that already carry an adapter "
+                         f"({', '.join(kinds)}), e.g. {names[:3]}. A layer takes one adapter: choose other "
+                         f"targets, or unload(model) first.")
+
+
 def find_targets(model: nn.Module, targets) -> list[str]:
     """Names of the linear modules ``targets`` selects: a list of name suffixes, a regular
     expression (matched against the whole qualified name), or ``"all-linear"`` (every linear
-    layer but the output and classification heads)."""
-    if isinstance(targets, str) and targets == "all-linear":
-        found = [n for n in linear_names(model) if not set(n.split(".")) & set(HEADS)]
-    elif isinstance(targets, str) or (isinstance(targets, (list, tuple)) and targets
-                                      and all(isinstance(t, str) for t in targets)):
-        found = [n for n in linear_names(model) if _matches(n, targets)]
+    layer but the output and classification heads). Layers that already carry an adapter are an error."""
+    check_targets(targets)
+    if targets == "all-linear":
+        def select(names):
+            return [n for n in names if not set(n.split(".")) & set(HEADS)]
     else:
-        raise TypeError(f"targets must be a list of module-name suffixes or a regular expression, "
-                        f"got {targets!r}")
+        def select(names):
+            return [n for n in names if _matches(n, targets)]
+    adapted = [n for n, m in adapter_layers(model).items() if is_linear(m.base)]
+    refuse_adapted(model, select(adapted), targets)
+    found = select(linear_names(model))
     if not found:
         raise ValueError(_no_match_message(model, targets))
     return found
@@ -178,36 +271,88 @@ def adapter_layers(model: nn.Module) -> dict[str, AdapterModule]:
 # Injecting and freezing
 
 
+def _hparam_names(layer_cls) -> list[str] | None:
+    """The keyword hyperparameters ``layer_cls(base, **hparams)`` accepts (None: any)."""
+    params = list(inspect.signature(layer_cls.__init__).parameters.values())[2:]      # self, base
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _check_hparams(layer_cls, hparams: dict):
+    known = _hparam_names(layer_cls)
+    unknown = sorted(set(hparams) - set(known)) if known is not None else []
+    if unknown:
+        raise TypeError(f"{layer_cls.__name__} has no hyperparameter {unknown[0]!r}; its hyperparameters "
+                        f"are {known}")
+    try:
+        json.dumps(hparams)
+    except TypeError:
+        raise TypeError(f"hyperparameters {hparams!r} must be plain values (numbers, strings, booleans, "
+                        f"lists), so that save_adapter can record them with the weights") from None
+
+
+def resolved_hparams(layer_cls, hparams: dict) -> dict:
+    """Every hyperparameter of ``layer_cls``, defaults filled in, as JSON would store it."""
+    params = list(inspect.signature(layer_cls.__init__).parameters.values())[2:]
+    full = {p.name: p.default for p in params if p.default is not p.empty}
+    return json.loads(json.dumps({**full, **hparams}))
+
+
+def _is_kept(module_name: str, keep) -> bool:
+    return any(f".{s}." in f".{module_name}." for s in keep)
+
+
+def _untie_kept(model: nn.Module, keep, changes: Changes):
+    """A kept module (``modules_to_save``) whose weight is shared with a module that is not kept (a
+    language-model head tied to the input embeddings) gets its own trainable copy, as in peft: the
+    head trains, the embeddings stay frozen, and the adapter file stores the copy."""
+    owners = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    for name, p in list(model.named_parameters(remove_duplicate=False)):
+        others = [o for o in owners[id(p)] if not _is_kept(o.rpartition(".")[0], keep)]
+        if _is_kept(name.rpartition(".")[0], keep) and others:
+            warnings.warn(f"modules_to_save: {name} is tied to {others[0]}. {name} now trains its own "
+                          f"copy (as in peft); {others[0]} stays frozen, and save_adapter stores the copy.",
+                          stacklevel=3)
+            changes.replace(name, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+            owners[id(p)] = others
+
+
 def inject(model: nn.Module, layer_cls, targets, *, modules_to_save=(), **hparams) -> nn.Module:
     """Replace the linear modules that ``targets`` selects by ``layer_cls(module, **hparams)``.
 
     Everything but the adapters' own parameters is frozen; ``modules_to_save`` (name suffixes, such
     as ``["classifier"]``) stay trainable and are saved with the adapter, like peft's option of the
-    same name. Returns the model, changed in place.
+    same name. Returns the model, changed in place; on any error the model is left as it was.
     """
-    wrapped = set(adapter_layers(model))
-    names = [n for n in layer_cls.find_targets(model, targets) if n not in wrapped]
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, layer_cls(getattr(parent, child), **hparams))
-    keep = list(getattr(model, "pefttutor_modules_to_save", []))
+    if not (isinstance(layer_cls, type) and issubclass(layer_cls, AdapterModule)):
+        raise TypeError(f"layer_cls must be an adapter class such as LoRALinear, got {layer_cls!r}")
+    modules_to_save = checks.names("modules_to_save", modules_to_save)
+    _check_hparams(layer_cls, hparams)
+    module_names = {n.split(".")[-1] for n, _ in model.named_modules() if n}
     for suffix in modules_to_save:
         if not any(n == suffix or n.endswith("." + suffix) for n, _ in model.named_modules()):
-            children = sorted({n.split(".")[-1] for n, _ in model.named_modules() if n})
             raise ValueError(f"modules_to_save: no module named {suffix!r} in {type(model).__name__}; "
-                             f"module names include {children[:40]}")
-        keep.append(suffix)
-    model.pefttutor_modules_to_save = sorted(set(keep))
-    config = {"layer": layer_cls.__name__, "targets": names, "hparams": hparams}
-    model.pefttutor_config = list(getattr(model, "pefttutor_config", [])) + [config]
-    _set_trainable(model)
+                             f"module names include {sorted(module_names)[:40]}")
+    names = layer_cls.find_targets(model, targets)
+    with atomic(model) as changes:
+        layers = {name: layer_cls(model.get_submodule(name), **hparams) for name in names}
+        for name, layer in layers.items():
+            changes.replace(name, layer)
+        keep = sorted(set(getattr(model, "pefttutor_modules_to_save", [])) | set(modules_to_save))
+        _untie_kept(model, keep, changes)
+        model.pefttutor_modules_to_save = keep
+        config = {"layer": layer_cls.__name__, "targets": names, "hparams": hparams}
+        model.pefttutor_config = list(getattr(model, "pefttutor_config", [])) + [config]
+        _set_trainable(model)
     return model
 
 
 def _kept(model, key: str) -> bool:
     """Is the tensor ``key`` inside a module kept trainable (``modules_to_save``)?"""
-    return any(f".{s}." in f".{key}" for s in getattr(model, "pefttutor_modules_to_save", []))
+    return _is_kept(key.rpartition(".")[0], getattr(model, "pefttutor_modules_to_save", []))
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -269,12 +414,28 @@ def _check_mergeable(model: nn.Module, what: str):
         raise ValueError(f"cannot {what}: {type(layers[fixed[0]]).__name__} at {fixed[:3]} "
                          f"is not a weight update and cannot be folded into the base model. Merge "
                          f"only models whose adapters are all weight-space layers (LoRA, KronA, FedPara).")
+    for layer in layers.values():
+        if not layer.merged:
+            layer.check_mergeable()
+
+
+def _merge_all(layers):
+    """Merge each layer; should one fail after the checks, unmerge those already merged."""
+    done = []
+    try:
+        for layer in layers:
+            if not layer.merged:
+                layer.merge()
+                done.append(layer)
+    except BaseException:
+        for layer in reversed(done):
+            layer.unmerge()
+        raise
 
 
 def merge(model: nn.Module) -> nn.Module:
     _check_mergeable(model, "merge")
-    for layer in adapter_layers(model).values():
-        layer.merge()
+    _merge_all(adapter_layers(model).values())
     return model
 
 
@@ -287,11 +448,11 @@ def unmerge(model: nn.Module) -> nn.Module:
 def unload(model: nn.Module) -> nn.Module:
     """Fold every ΔW into its base and put the plain layers back: an ordinary model again."""
     _check_mergeable(model, "unload")
-    for name, layer in adapter_layers(model).items():
-        layer.merge()
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer.base)
-    for attr in ("pefttutor_config", "pefttutor_modules_to_save"):
+    layers = adapter_layers(model)
+    _merge_all(layers.values())
+    for name, layer in layers.items():
+        set_submodule(model, name, layer.base)
+    for attr in _MODEL_ATTRS:
         if hasattr(model, attr):
             delattr(model, attr)
     return model
@@ -313,47 +474,80 @@ def save_adapter(model: nn.Module, path) -> None:
     save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path), metadata=meta)
 
 
+def _config_differences(saved: list, current: list) -> list[str]:
+    """What differs between the injections recorded in an adapter file and those of a model."""
+    import pefttutor
+    if len(saved) != len(current):
+        return [f"the file records {len(saved)} inject call(s), the model {len(current)}"]
+    out = []
+    for s, c in zip(saved, current):
+        if s["layer"] != c["layer"]:
+            out.append(f"layer: file {s['layer']} vs model {c['layer']}")
+            continue
+        layer_cls = getattr(pefttutor, s["layer"], None)
+        if layer_cls is not None:
+            hs, hc = resolved_hparams(layer_cls, s["hparams"]), resolved_hparams(layer_cls, c["hparams"])
+            out += [f"{s['layer']} {k}: file {hs.get(k)!r} vs model {hc.get(k)!r}"
+                    for k in sorted(set(hs) | set(hc)) if hs.get(k) != hc.get(k)]
+        if sorted(s["targets"]) != sorted(c["targets"]):
+            out.append(f"{s['layer']} targets: file {s['targets'][:3]}... vs model {c['targets'][:3]}...")
+    return out
+
+
 def load_adapter(model: nn.Module, path) -> nn.Module:
     """Load a saved adapter into ``model``; inject it first if the model has none.
 
-    Keys and shapes must match exactly: a clear ``ValueError`` says what differs, rather than
-    loading part of an adapter into the wrong layers.
+    Keys, shapes and the recorded hyperparameters (scale, alpha, rsLoRA, ...) must match exactly: a
+    clear ``ValueError`` says what differs, rather than loading part of an adapter into the wrong
+    layers or computing with another scaling. On any error the model is left as it was.
     """
     from safetensors import safe_open
     from safetensors.torch import load_file
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     saved = load_file(str(path))
-    if not adapter_layers(model) and meta.get("config"):
-        _inject_from_config(model, json.loads(meta["config"]), json.loads(meta.get("modules_to_save", "[]")))
     if any(layer.merged for layer in adapter_layers(model).values()):
         raise ValueError("the model's adapters are merged: call unmerge(model) before load_adapter")
-    expected = adapter_state(model)
-    missing = sorted(set(expected) - set(saved))
-    unexpected = sorted(set(saved) - set(expected))
-    shapes = [f"{k}: file {tuple(saved[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in sorted(set(saved) & set(expected)) if saved[k].shape != expected[k].shape]
-    if missing or unexpected or shapes:
-        origin = f"saved from a {meta.get('model', '?')} with {meta.get('config', '?')}"
-        raise ValueError(
-            f"adapter file {path} does not fit this {type(model).__name__} ({origin}). "
-            f"missing keys: {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
-            f"unexpected keys: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}; "
-            f"shape mismatches: {shapes[:5]}. Load it into the same base model, injected with the "
-            f"same targets and hyperparameters.")
-    with torch.no_grad():
-        for key, value in saved.items():
-            expected[key].copy_(value)
+    saved_config = json.loads(meta["config"]) if meta.get("config") else None
+    origin = f"saved from a {meta.get('model', '?')} with {meta.get('config', '?')}"
+    with atomic(model):
+        if not adapter_layers(model) and saved_config:
+            _inject_from_config(model, saved_config, json.loads(meta.get("modules_to_save", "[]")))
+        expected = adapter_state(model)
+        missing = sorted(set(expected) - set(saved))
+        unexpected = sorted(set(saved) - set(expected))
+        shapes = [f"{k}: file {tuple(saved[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in sorted(set(saved) & set(expected)) if saved[k].shape != expected[k].shape]
+        if missing or unexpected or shapes:
+            raise ValueError(
+                f"adapter file {path} does not fit this {type(model).__name__} ({origin}). "
+                f"missing keys: {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
+                f"unexpected keys: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}; "
+                f"shape mismatches: {shapes[:5]}. Load it into the same base model, injected with the "
+                f"same targets and hyperparameters.")
+        differ = _config_differences(saved_config, getattr(model, "pefttutor_config", [])) if saved_config else []
+        if differ:
+            raise ValueError(f"adapter file {path} was made with other hyperparameters than this model's "
+                             f"adapters: {'; '.join(differ[:5])}. The tensors fit, but the model would compute "
+                             f"with its own values. Load it into a model without adapters (load_adapter injects "
+                             f"them as recorded), or inject with the same hyperparameters.")
+        with torch.no_grad():
+            for key, value in saved.items():
+                expected[key].copy_(value)
     return model
 
 
 def _inject_from_config(model, configs, modules_to_save):
     import pefttutor
+    modules = dict(model.named_modules())
     for i, cfg in enumerate(configs):
         layer_cls = getattr(pefttutor, cfg["layer"], None)
         if layer_cls is None:
             raise ValueError(f"the adapter file uses layer {cfg['layer']!r}, which pefttutor does not export")
-        names = cfg["targets"]
-        pattern = "|".join(re.escape(n) for n in names)
+        missing = [n for n in cfg["targets"] if n not in modules]
+        if missing:
+            raise ValueError(f"the adapter file was made for a model with modules {missing[:3]}, which this "
+                             f"{type(model).__name__} does not have: load it into the model it was trained on")
+        pattern = "|".join(re.escape(n) for n in cfg["targets"])
         inject(model, layer_cls, pattern, modules_to_save=modules_to_save if i == 0 else (),
                **cfg["hparams"])

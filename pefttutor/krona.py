@@ -12,7 +12,9 @@ import numbers
 import torch
 from torch import nn
 
-from .inject import AdapterLayer, AdapterModule, _matches, is_linear, linear_shape
+from . import checks
+from .inject import (AdapterLayer, AdapterModule, _matches, check_targets, is_linear, linear_shape,
+                     refuse_adapted)
 
 
 def divisor_pair(n: int) -> tuple[int, int]:
@@ -68,10 +70,9 @@ class KroneckerFactors:
     """
 
     def _init_factors(self, d: int, k: int, a_shape, scale: float):
-        if not isinstance(scale, numbers.Real) or isinstance(scale, bool) or scale == 0:
-            raise ValueError(f"{type(self).__name__} scale={scale!r} must be a nonzero number")
+        self.scale = checks.real("scale", scale, nonzero=True, who=f"{type(self).__name__} ",
+                                 desc="a nonzero number (finite, not 0)")
         (a1, a2), (b1, b2) = kron_shapes(d, k, a_shape)
-        self.scale = float(scale)
         kw = dict(dtype=self.adapter_dtype(), device=self.base_device())
         self.A = nn.Parameter(torch.zeros(a1, a2, **kw))   # (a1, a2): zero, so ΔW = 0 at init
         self.B = nn.Parameter(torch.empty(b1, b2, **kw))   # (b1, b2)
@@ -110,7 +111,7 @@ def _ffn_style(module: nn.Module) -> str | None:
     name = type(module).__name__
     if name.endswith("Output") and "Self" not in name and hasattr(module, "dense") and hasattr(module, "LayerNorm"):
         return "bert"
-    if name.endswith("MLP") or name.endswith("FeedForward"):
+    if name.endswith(("MLP", "FeedForward", "DenseActDense", "DenseGatedActDense")):   # T5: DenseReluDense
         return "single"
     return None
 
@@ -129,8 +130,9 @@ class KronABlock(KroneckerFactors, AdapterModule):
     def __init__(self, base: nn.Module, a_shape=None, scale: float = 1.0, residual: bool = False):
         style = _ffn_style(base)
         if style is None:
-            raise TypeError(f"KronABlock wraps a feed-forward block (a Llama/GPT-2 'mlp' or BERT's "
-                            f"'output'), got {type(base).__name__}")
+            raise TypeError(f"KronABlock wraps a feed-forward block (a Llama/GPT-2 'mlp', BERT's "
+                            f"'output' or T5's 'DenseReluDense'), got {type(base).__name__}")
+        residual = checks.boolean("residual", residual, who="KronABlock ")
         super().__init__(base)
         self.style = style
         if style == "bert":
@@ -145,8 +147,14 @@ class KronABlock(KroneckerFactors, AdapterModule):
     @classmethod
     def find_targets(cls, model: nn.Module, targets="ffn") -> list[str]:
         """``"ffn"`` finds every feed-forward block; a list of name suffixes or a regex also works."""
+        check_targets(targets)
+
+        def select(names):
+            return names if targets == "ffn" else [n for n in names if _matches(n, targets)]
+        adapted = [n for n, m in model.named_modules() if isinstance(m, AdapterModule) and _ffn_style(m.base)]
+        refuse_adapted(model, select(adapted), targets)
         blocks = [n for n, m in model.named_modules() if n and _ffn_style(m) and not n.endswith(".base")]
-        found = blocks if targets == "ffn" else [n for n in blocks if _matches(n, targets)]
+        found = select(blocks)
         if not found:
             raise ValueError(f"no feed-forward block of {type(model).__name__} matches targets={targets!r}; "
                              f"its blocks are {blocks[:4]}{' ...' if len(blocks) > 4 else ''}. "

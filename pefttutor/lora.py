@@ -6,12 +6,13 @@ rank-stabilised scaling alpha / sqrt(r) from Kalajdzievski, 2023, arXiv 2312.037
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import checks
+from .checks import check_rank
 from .inject import AdapterLayer
 
 
@@ -26,15 +27,11 @@ class LoRALinear(AdapterLayer):
                  rslora: bool = False):
         super().__init__(base)
         d, k = self.out_features, self.in_features
-        if not isinstance(r, numbers.Integral) or isinstance(r, bool) or not 1 <= r <= min(d, k):
-            raise ValueError(f"LoRA rank r={r!r} does not fit a layer with out_features={d} and "
-                             f"in_features={k}: choose an integer 1 <= r <= {min(d, k)} (a rank at or "
-                             f"above that trains more parameters than the full matrix).")
-        if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool) or alpha <= 0:
-            raise ValueError(f"LoRA alpha={alpha!r} must be a positive number (the scale is alpha / r)")
-        if not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRA dropout={dropout!r} must be in [0, 1)")
-        self.r, self.alpha, self.rslora = int(r), float(alpha), bool(rslora)
+        self.r = check_rank(r, d, k, "LoRA", "(a rank at or above that trains more parameters than the "
+                                             "full matrix)")
+        self.alpha = checks.positive("alpha", alpha, who="LoRA ", hint=" (the scale is alpha / r)")
+        dropout = checks.real("dropout", dropout, low=0, high=1, high_open=True, who="LoRA ")
+        self.rslora = checks.boolean("rslora", rslora, who="LoRA ")
         self.scale = alpha / math.sqrt(r) if rslora else alpha / r
         kw = dict(dtype=self.adapter_dtype(), device=self.base_device())
         self.A = nn.Parameter(torch.empty(r, k, **kw))   # (r, in)

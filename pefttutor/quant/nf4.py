@@ -13,6 +13,8 @@ from math import prod
 
 import torch
 
+from .. import checks
+
 OFFSET = 0.9677083          # outermost quantile; bitsandbytes' create_normal_map default
 
 
@@ -129,15 +131,22 @@ class NF4State:
         return dequantize_blockwise_8bit(self.absmax, self.absmax_scale, self.DQ_BLOCKSIZE) + self.offset
 
 
+def check_blocksize(blocksize):
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in [2 ** i for i in range(5, 13)]:
+        raise ValueError(f"blocksize={blocksize!r} must be a power of two from 32 to 4096 "
+                         f"(QLoRA uses 64)")
+
+
 def _check(w: torch.Tensor, blocksize: int):
     if not isinstance(w, torch.Tensor) or not w.is_floating_point():
         raise TypeError(f"quantize_nf4 takes a floating-point tensor (fp32, bf16 or fp16), got "
                         f"{getattr(w, 'dtype', type(w).__name__)}; convert it with .float() first")
-    if not isinstance(blocksize, int) or blocksize not in [2 ** i for i in range(5, 13)]:
-        raise ValueError(f"blocksize={blocksize!r} must be a power of two from 32 to 4096 "
-                         f"(QLoRA uses 64)")
+    check_blocksize(blocksize)
     if w.numel() == 0:
         raise ValueError("quantize_nf4 got an empty tensor")
+    if not torch.isfinite(w).all():
+        raise ValueError("quantize_nf4 got a tensor with inf or NaN values: a block's absmax would be "
+                         "inf or NaN and every value in that block would be lost")
 
 
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False,
@@ -150,6 +159,8 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     ``lookup_table`` selects bitsandbytes' CPU rounding for that step (see ``quantize_blockwise_8bit``).
     """
     _check(w, blocksize)
+    checks.boolean("double_quant", double_quant, who="quantize_nf4 ")
+    checks.boolean("lookup_table", lookup_table, who="quantize_nf4 ")
     scaled, absmax = _scale_blocks(w.reshape(-1).float(), blocksize)
     if scaled.numel() % 2:
         scaled = torch.cat([scaled, scaled.new_zeros(1)])               # pad: code of 0.0
@@ -170,13 +181,15 @@ def _byte_table(device) -> torch.Tensor:
     return torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1)
 
 
-def dequantize_nf4(packed: torch.Tensor, state: NF4State) -> torch.Tensor:
-    """code_book[nibble] * absmax of its block, computed in fp32, returned in the original dtype.
+def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """code_book[nibble] * absmax of its block, computed in fp32 and rounded once to ``dtype``
+    (default: the original dtype), as bitsandbytes' dequantize_4bit.
 
     One lookup per byte in a 256-entry table of level pairs, rather than unpacking the nibbles."""
     n = prod(state.shape)
     values = torch.index_select(_byte_table(packed.device), 0, packed.reshape(-1).int()).reshape(-1)[:n]
-    return _scale_by_blocks(values, state.constants(), state.blocksize).reshape(state.shape).to(state.dtype)
+    out = _scale_by_blocks(values, state.constants(), state.blocksize).reshape(state.shape)
+    return out.to(dtype or state.dtype)
 
 
 def bits_per_parameter(blocksize: int = 64, double_quant: bool = False, dq_blocksize: int = 256) -> float:
