@@ -1,10 +1,16 @@
 """NF4 from scratch against bitsandbytes on CPU, bit for bit: code book, packed bytes, absmax, dequantized
 values, over dtypes, shapes and block sizes; ties, zero blocks, odd sizes, errors; double quantization on
-both of bitsandbytes' 8-bit paths; FP4 and int4 for comparison."""
+both of bitsandbytes' 8-bit paths; FP4 and int4 for comparison.
+
+Dequantized values are compared with bitsandbytes' reference semantics on every CPU, and then with the
+kernel this CPU dispatches to; where that kernel disagrees with its own reference (the AVX-512 kernel on
+rows that are not a whole number of blocks), the test is an expected, named failure of bitsandbytes."""
 import bitsandbytes.functional as BF
 import pytest
 import torch
 
+from pefttutor.quant.kernels import (flat_block_index, reference_dequantize, row_block_index,
+                                     row_indexed_dequantize)
 from pefttutor.quant import (bits_per_parameter, dequantize_blockwise_8bit, dequantize_nf4, dynamic_code_book,
                              fake_quantize, fp4_code_book, int4_code_book, nf4_code_book,
                              quantize_blockwise_8bit, quantize_nf4)
@@ -25,19 +31,29 @@ def test_code_book_is_bitsandbytes_table():
     assert ours[7] == 0 and ours[0] == -1 and ours[-1] == 1 and (ours.diff() > 0).all()
 
 
-@pytest.mark.parametrize("shape", [(3, 37), (128, 4096), (7,), (65,), (2, 64), (1,)])
+def check_dequantize(bnb_kernel, out, packed, state, what):
+    """Ours equals bitsandbytes' reference semantics; then the kernel this CPU dispatches to, where right."""
+    reference = reference_dequantize(packed, state)
+    assert out.dtype == reference.dtype and out.shape == reference.shape
+    assert torch.equal(out, reference)
+    bnb_kernel(BF.dequantize_4bit(packed, state), reference, what, model=row_indexed_dequantize(packed, state))
+
+
+# (64, 96) and (16, 32): rows that are not a whole number of 64-blocks, where bitsandbytes' AVX-512
+# kernel reads the wrong scales (pefttutor.quant.kernels)
+@pytest.mark.parametrize("shape", [(3, 37), (128, 4096), (7,), (65,), (2, 64), (1,), (64, 96), (16, 32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
-def test_bit_exact_with_bitsandbytes(shape, dtype, blocksize):
+def test_bit_exact_with_bitsandbytes(shape, dtype, blocksize, bnb_kernel):
     w = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
     ref_packed, ref_state = BF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")
     packed, state = quantize_nf4(w, blocksize)
     assert packed.dtype == torch.uint8 and packed.shape == ref_packed.shape
     assert torch.equal(packed, ref_packed)
     assert torch.equal(state.absmax, ref_state.absmax)
-    out, ref_out = dequantize_nf4(packed, state), BF.dequantize_4bit(ref_packed, ref_state)
-    assert out.dtype == dtype == ref_out.dtype and out.shape == w.shape
-    assert torch.equal(out, ref_out)
+    out = dequantize_nf4(packed, state)
+    assert out.dtype == dtype and out.shape == w.shape
+    check_dequantize(bnb_kernel, out, ref_packed, ref_state, f"dequantize_4bit of {shape} {dtype}, block {blocksize}")
 
 
 def test_ties_go_to_the_lower_code_and_high_nibble_first():
@@ -107,16 +123,17 @@ def test_lookup_table_differs_from_nearest_rarely_and_by_little():
     assert (exact.int() - table.int()).abs().max() <= 4
 
 
-@pytest.mark.parametrize("shape", [(3, 37), (128, 4096), (7,), (1,), (300, 300)])
+@pytest.mark.parametrize("shape", [(3, 37), (128, 4096), (7,), (1,), (300, 300), (64, 96)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_double_quant_bit_exact_with_bitsandbytes_cpu(shape, dtype):
+def test_double_quant_bit_exact_with_bitsandbytes_cpu(shape, dtype, bnb_kernel):
     w = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(dtype)
     ref_packed, ref = BF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
     packed, state = quantize_nf4(w, 64, double_quant=True, lookup_table=True)
     assert torch.equal(packed, ref_packed)
     assert torch.equal(state.absmax, ref.absmax) and torch.equal(state.offset, ref.offset)
     assert torch.equal(state.absmax_scale, ref.state2.absmax) and ref.state2.blocksize == 256
-    assert torch.equal(dequantize_nf4(packed, state), BF.dequantize_4bit(ref_packed, ref))
+    check_dequantize(bnb_kernel, dequantize_nf4(packed, state), ref_packed, ref,
+                     f"double-quantized dequantize_4bit of {shape} {dtype}")
 
 
 def test_double_quant_keeps_the_codes_and_the_constants_close():
@@ -144,13 +161,41 @@ def test_bits_per_parameter():
         assert bits == pytest.approx(bits_per_parameter(64, dq))
 
 
-def test_fp4_code_book_and_fake_quantize_match_bitsandbytes():
+@pytest.mark.parametrize("shape", [(64, 96), (64, 128)])
+def test_fp4_code_book_and_fake_quantize_match_bitsandbytes(shape, bnb_kernel):
     assert torch.equal(fp4_code_book(), BF.get_4bit_type("fp4", device="cpu"))
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    fp4_packed, fp4_state = BF.quantize_4bit(w, blocksize=64, quant_type="fp4")
+    nf4_packed, nf4_state = BF.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    for code, packed, state in [(fp4_code_book(), fp4_packed, fp4_state), (nf4_code_book(), nf4_packed, nf4_state)]:
+        assert torch.equal(fake_quantize(w, code), reference_dequantize(packed, state))
+    for packed, state in [(fp4_packed, fp4_state), (nf4_packed, nf4_state)]:
+        check_dequantize(bnb_kernel, reference_dequantize(packed, state), packed, state,
+                         f"{state.quant_type} dequantize_4bit of {shape}")
+
+
+@pytest.mark.parametrize("shape, blocksize, same", [
+    ((64, 128), 64, True), ((3, 4096), 64, True), ((1, 96), 64, True), ((2, 16), 64, True),
+    ((64, 96), 64, False), ((16, 32), 64, False), ((40, 96), 32, True), ((5, 48), 32, False)])
+def test_row_indexing_reads_the_flat_block_only_for_whole_blocks_per_row(shape, blocksize, same):
+    """The AVX-512 kernel's scale index equals the flat block index exactly when every row holds a whole
+    number of blocks, there is one row, or everything fits in one block."""
+    flat, row = flat_block_index(shape, blocksize), row_block_index(shape, blocksize)
+    assert torch.equal(flat, row) == same
+    assert same == (shape[-1] % blocksize == 0 or shape[0] == 1 or shape[0] * shape[-1] <= blocksize)
+    assert row.max() < flat.max() + 1                                   # it reads existing scales
+
+
+def test_row_indexing_model_reproduces_the_measured_error():
+    """On a CPU with AVX-512, bitsandbytes 0.50's FP4 dequantize of this (64, 96) tensor had a mean
+    squared error of 0.093 against 0.0149 for its portable path (measured for the issue that added these
+    tests); the row-indexed model gives the same numbers on any CPU."""
     w = torch.randn(64, 96, generator=torch.Generator().manual_seed(4))
     packed, state = BF.quantize_4bit(w, blocksize=64, quant_type="fp4")
-    assert torch.equal(fake_quantize(w, fp4_code_book()), BF.dequantize_4bit(packed, state))
-    packed, state = BF.quantize_4bit(w, blocksize=64, quant_type="nf4")
-    assert torch.equal(fake_quantize(w, nf4_code_book()), BF.dequantize_4bit(packed, state))
+    model, reference = row_indexed_dequantize(packed, state), reference_dequantize(packed, state)
+    assert round((model - w).pow(2).mean().item(), 3) == 0.093
+    assert round((reference - w).pow(2).mean().item(), 4) == 0.0149
+    assert torch.equal(model[:1], reference[:1]) and not torch.equal(model[1:], reference[1:])
 
 
 def test_nf4_has_the_lowest_error_on_normal_weights():
