@@ -104,6 +104,16 @@ class AdapterLayer(AdapterModule):
         super().__init__(base)
         self.out_features, self.in_features = linear_shape(base)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight: model code that reads ``layer.weight`` (T5 checks
+        ``self.wo.weight.dtype``) sees the layer it wraps, as with peft's layers."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
@@ -156,27 +166,30 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module):
 
 
 class Changes:
-    """An undo log: what an operation changed, so that an error can restore the model exactly.
+    """An undo log: what an operation may change, so that an error can restore the model exactly.
 
-    It remembers every parameter's ``requires_grad`` and the model's pefttutor attributes when it is
-    created, and each module or parameter that ``replace`` swaps afterwards."""
+    On creation it records every module's children and parameters (so swaps made by nested
+    operations, such as the ``inject`` inside ``load_adapter``, are covered too), every parameter's
+    ``requires_grad`` and the model's pefttutor attributes."""
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.flags = [(p, p.requires_grad) for p in model.parameters()]
+        modules = list(model.modules())
+        self.children = [(m, name, child) for m in modules for name, child in m._modules.items()]
+        self.params = [(m, name, p) for m in modules for name, p in m._parameters.items()]
+        self.flags = [(p, p.requires_grad) for _, _, p in self.params if p is not None]
         self.attrs = {a: getattr(model, a) for a in _MODEL_ATTRS if hasattr(model, a)}
-        self.swaps = []
 
     def replace(self, name: str, new):
         """Swap the submodule (or a module's parameter, ``"lm_head.weight"``) at ``name`` for ``new``."""
         parent_name, _, child = name.rpartition(".")
-        parent = self.model.get_submodule(parent_name)
-        self.swaps.append((parent, child, getattr(parent, child)))
-        setattr(parent, child, new)
+        setattr(self.model.get_submodule(parent_name), child, new)
 
     def undo(self):
-        for parent, child, old in reversed(self.swaps):
-            setattr(parent, child, old)
+        for m, name, child in self.children:
+            m._modules[name] = child
+        for m, name, p in self.params:
+            m._parameters[name] = p
         for p, flag in self.flags:
             p.requires_grad_(flag)
         for a in _MODEL_ATTRS:
@@ -340,7 +353,7 @@ def inject(model: nn.Module, layer_cls, targets, *, modules_to_save=(), **hparam
     with atomic(model) as changes:
         layers = {name: layer_cls(model.get_submodule(name), **hparams) for name in names}
         for name, layer in layers.items():
-            changes.replace(name, layer)
+            changes.replace(name, layer.train(layer.base.training))     # an eval model stays in eval mode
         keep = sorted(set(getattr(model, "pefttutor_modules_to_save", [])) | set(modules_to_save))
         _untie_kept(model, keep, changes)
         model.pefttutor_modules_to_save = keep

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import checks
-from ..inject import Conv1D, adapter_layers, atomic, find_targets, is_quantized
+from ..inject import Conv1D, _matches, adapter_layers, atomic, find_targets, is_quantized
 from .nf4 import NF4State, check_blocksize, dequantize_nf4, quantize_nf4
 
 
@@ -122,18 +122,23 @@ class NF4Linear(nn.Module):
 def quantize_model(model: nn.Module, targets="all-linear", *, blocksize: int = 64, double_quant: bool = True,
                    compute_dtype: torch.dtype | None = None, lookup_table: bool = False) -> nn.Module:
     """Replace the linear layers ``targets`` selects (default: all but the heads, as QLoRA) by
-    ``NF4Linear``; the model is changed in place and frozen. Then inject LoRA as usual."""
+    ``NF4Linear``; the model is changed in place and frozen. Then inject LoRA as usual.
+
+    Modules a transformers model keeps in full precision (``_keep_in_fp32_modules``, such as T5's
+    ``wo``) stay as they are, as with ``BitsAndBytesConfig``. On any error the model is unchanged."""
     if adapter_layers(model):
         raise ValueError("quantize the model before injecting adapters: quantize_model(model), then "
                          "inject(model, LoRALinear, ...)")
     check_blocksize(blocksize)
-    names = [n for n in find_targets(model, targets) if not is_quantized(model.get_submodule(n))]
+    keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    names = [n for n in find_targets(model, targets)
+             if not is_quantized(model.get_submodule(n)) and not (keep and _matches(n, keep))]
     kw = dict(blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype,
               lookup_table=lookup_table)
     with atomic(model) as changes:
         layers = {n: NF4Linear.from_linear(model.get_submodule(n), **kw) for n in names}   # may raise
         for name, layer in layers.items():
-            changes.replace(name, layer)
+            changes.replace(name, layer.train(model.get_submodule(name).training))
         model.requires_grad_(False)
     return model
 
@@ -145,7 +150,8 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     names = [n for n, m in model.named_modules() if is_quantized(m)]
     with atomic(model) as changes:
         for name in names:
-            changes.replace(name, _to_linear(model.get_submodule(name), dtype))
+            q = model.get_submodule(name)
+            changes.replace(name, _to_linear(q, dtype).train(q.training))
     return model
 
 
