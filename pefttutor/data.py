@@ -20,6 +20,8 @@ import re
 
 from datasets import Dataset, DatasetDict
 
+from . import checks
+
 WORLD_SEED = 1234
 
 _SYLLABLES = ("ba ko ri len mo sa tu vin del ra mi no pe lo dar fen gil ha jo ka lu mar ne or pi "
@@ -251,6 +253,17 @@ TASKS = {"reviews": (_reviews, {"train": 2000, "validation": 300, "test": 500}),
 HUB_TASKS = {"sst2": "reviews", "e2e_nlg": "restaurants"}
 
 
+def _check_sizes(sizes, default: dict) -> dict:
+    if sizes is None:
+        return {}
+    if not isinstance(sizes, dict):
+        raise TypeError(f"sizes={sizes!r} must be a dict such as {{'train': 1000}}")
+    unknown = sorted(set(sizes) - set(default))
+    if unknown:
+        raise ValueError(f"sizes: no split named {unknown[0]!r}; the splits are {sorted(default)}")
+    return {k: checks.integer(f"sizes[{k!r}]", v, low=1) for k, v in sizes.items()}
+
+
 def load_task(name: str = "reviews", seed: int = 0, sizes: dict | None = None) -> DatasetDict:
     """A downstream task as a ``DatasetDict`` with train / validation / test splits.
 
@@ -260,7 +273,7 @@ def load_task(name: str = "reviews", seed: int = 0, sizes: dict | None = None) -
     """
     if name in TASKS:
         make, default = TASKS[name]
-        return make(seed, {**default, **(sizes or {})}, make_world())
+        return make(seed, {**default, **_check_sizes(sizes, default)}, make_world())
     if name in HUB_TASKS:
         return from_hub(name, sizes)
     raise ValueError(f"unknown task {name!r}: use one of {sorted(TASKS)} (offline) "

@@ -52,11 +52,11 @@ class FedParaLinear(AdapterLayer):
     """
 
     def __init__(self, base: nn.Module, r: int = 8, alpha: float = 8):
+        d, k = self.shape_of(base)
+        r = _check_rank(r, d, k, "FedPara")
+        alpha = checks.positive("alpha", alpha, who="FedPara ", hint=" (the scale is alpha / r)")
         super().__init__(base)
-        d, k = self.out_features, self.in_features
-        self.r = _check_rank(r, d, k, "FedPara")
-        self.alpha = checks.positive("alpha", alpha, who="FedPara ", hint=" (the scale is alpha / r)")
-        self.scale = self.alpha / self.r
+        self.r, self.alpha, self.scale = r, alpha, alpha / r
         kw = dict(dtype=self.adapter_dtype(), device=self.base_device())
         self.X1 = nn.Parameter(torch.empty(d, r, **kw))
         self.Y1 = nn.Parameter(torch.empty(r, k, **kw))

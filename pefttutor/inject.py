@@ -52,7 +52,8 @@ class AdapterModule(nn.Module):
 
     ``inject`` finds targets with the class's ``find_targets``; ``save_adapter`` stores every tensor
     of an adapter module except its base's. Modules that cannot fold into the base weight (an adapter
-    beside a whole nonlinear block) set ``mergeable = False``.
+    beside a whole nonlinear block) set ``mergeable = False``. A subclass checks its hyperparameters
+    before calling ``super().__init__(base)``, which freezes the base: a refused layer changes nothing.
     """
 
     mergeable = True
@@ -98,11 +99,17 @@ class AdapterLayer(AdapterModule):
     """
 
     def __init__(self, base: nn.Module):
-        if not is_linear(base):
-            raise TypeError(f"{type(self).__name__} wraps nn.Linear or transformers' Conv1D, "
-                            f"got {type(base).__name__}")
+        self.shape_of(base)                     # checked before super().__init__ freezes the base
         super().__init__(base)
         self.out_features, self.in_features = linear_shape(base)
+
+    @classmethod
+    def shape_of(cls, base: nn.Module) -> tuple[int, int]:
+        """(out_features, in_features) of the layer to wrap; a TypeError if it is not a linear layer."""
+        if not is_linear(base):
+            raise TypeError(f"{cls.__name__} wraps nn.Linear or transformers' Conv1D, "
+                            f"got {type(base).__name__}")
+        return linear_shape(base)
 
     @property
     def weight(self) -> torch.Tensor:

@@ -69,10 +69,16 @@ class KroneckerFactors:
     in peft's LoKr.
     """
 
-    def _init_factors(self, d: int, k: int, a_shape, scale: float):
-        self.scale = checks.real("scale", scale, nonzero=True, who=f"{type(self).__name__} ",
-                                 desc="a nonzero number (finite, not 0)")
-        (a1, a2), (b1, b2) = kron_shapes(d, k, a_shape)
+    @classmethod
+    def check_factors(cls, d: int, k: int, a_shape, scale) -> tuple:
+        """The factor shapes and the scale, checked (before the module changes anything)."""
+        scale = checks.real("scale", scale, nonzero=True, who=f"{cls.__name__} ",
+                            desc="a nonzero number (finite, not 0)")
+        return kron_shapes(d, k, a_shape), scale
+
+    def _init_factors(self, shapes, scale: float):
+        (a1, a2), (b1, b2) = shapes
+        self.scale = scale
         kw = dict(dtype=self.adapter_dtype(), device=self.base_device())
         self.A = nn.Parameter(torch.zeros(a1, a2, **kw))   # (a1, a2): zero, so ΔW = 0 at init
         self.B = nn.Parameter(torch.empty(b1, b2, **kw))   # (b1, b2)
@@ -94,8 +100,9 @@ class KronALinear(KroneckerFactors, AdapterLayer):
     """
 
     def __init__(self, base: nn.Module, a_shape=None, scale: float = 1.0):
+        shapes, scale = self.check_factors(*self.shape_of(base), a_shape, scale)
         super().__init__(base)
-        self._init_factors(self.out_features, self.in_features, a_shape, scale)
+        self._init_factors(shapes, scale)
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kron_forward(x)
@@ -133,14 +140,14 @@ class KronABlock(KroneckerFactors, AdapterModule):
             raise TypeError(f"KronABlock wraps a feed-forward block (a Llama/GPT-2 'mlp', BERT's "
                             f"'output' or T5's 'DenseReluDense'), got {type(base).__name__}")
         residual = checks.boolean("residual", residual, who="KronABlock ")
-        super().__init__(base)
-        self.style = style
         if style == "bert":
             d = base.dense.out_features
         else:                                   # the FFN's first linear layer reads d_model inputs
             d = next(linear_shape(m) for m in base.modules() if is_linear(m))[1]
-        self.d_model, self.residual = d, bool(residual)
-        self._init_factors(d, d, a_shape, scale)
+        shapes, scale = self.check_factors(d, d, a_shape, scale)
+        super().__init__(base)
+        self.style, self.d_model, self.residual = style, d, residual
+        self._init_factors(shapes, scale)
         if self.residual:
             self.res_scale = nn.Parameter(torch.zeros((), dtype=self.A.dtype, device=self.A.device))
 

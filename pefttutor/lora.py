@@ -25,13 +25,13 @@ class LoRALinear(AdapterLayer):
 
     def __init__(self, base: nn.Module, r: int = 8, alpha: float = 8, dropout: float = 0.0,
                  rslora: bool = False):
-        super().__init__(base)
-        d, k = self.out_features, self.in_features
-        self.r = check_rank(r, d, k, "LoRA", "(a rank at or above that trains more parameters than the "
-                                             "full matrix)")
-        self.alpha = checks.positive("alpha", alpha, who="LoRA ", hint=" (the scale is alpha / r)")
+        d, k = self.shape_of(base)
+        r = check_rank(r, d, k, "LoRA", "(a rank at or above that trains more parameters than the full matrix)")
+        alpha = checks.positive("alpha", alpha, who="LoRA ", hint=" (the scale is alpha / r)")
         dropout = checks.real("dropout", dropout, low=0, high=1, high_open=True, who="LoRA ")
-        self.rslora = checks.boolean("rslora", rslora, who="LoRA ")
+        rslora = checks.boolean("rslora", rslora, who="LoRA ")
+        super().__init__(base)
+        self.r, self.alpha, self.rslora = r, alpha, rslora
         self.scale = alpha / math.sqrt(r) if rslora else alpha / r
         kw = dict(dtype=self.adapter_dtype(), device=self.base_device())
         self.A = nn.Parameter(torch.empty(r, k, **kw))   # (r, in)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
+from . import checks
 from .inject import find_targets, linear_shape
 from .quant.nf4 import bits_per_parameter
 
@@ -206,6 +207,14 @@ def predict(model: nn.Module, *, method: str = "lora", batch_size: int = 1, seq_
         raise ValueError(f"method={method!r}: choose 'full', 'lora' or 'qlora'")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={optimizer!r}: choose one of {OPTIMIZERS}")
+    who = "predict "
+    batch_size = checks.integer("batch_size", batch_size, low=1, who=who)
+    seq_len = checks.integer("seq_len", seq_len, low=1, who=who)
+    r = checks.integer("r", r, low=1, who=who)
+    checks.boolean("checkpointing", checkpointing, who=who)
+    for name, value in (("dtype", dtype), ("lora_dtype", lora_dtype)):
+        if value not in BYTES:
+            raise ValueError(f"{who}{name}={value!r}: choose one of {list(BYTES)}")
     c = model.config
     if not all(hasattr(c, k) for k in ("intermediate_size", "num_key_value_heads", "rms_norm_eps")):
         raise ValueError(f"predict models Llama-style decoders (RMSNorm, SwiGLU, RoPE); {type(c).__name__} "

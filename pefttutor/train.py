@@ -11,6 +11,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from . import checks
 from .data import PROMPT, collate, slot_score
 
 
@@ -49,6 +50,19 @@ def train(model, data, *, pad_id: int, steps: int = 200, batch_size: int = 32, l
     clipping, mixed precision on CUDA. ``evaluate(model) -> dict`` runs every ``eval_every``
     steps and at the end. Returns the history: losses per step, evaluations, seconds.
     """
+    steps = checks.integer("steps", steps, low=1, who="train ")
+    batch_size = checks.integer("batch_size", batch_size, low=1, who="train ")
+    lr = checks.positive("lr", lr, who="train ")
+    weight_decay = checks.real("weight_decay", weight_decay, low=0, who="train ")
+    warmup = checks.real("warmup", warmup, low=0, high=1, who="train ", desc="in [0, 1] (a fraction of the steps)")
+    clip = checks.positive("clip", clip, who="train ")
+    if eval_every is not None:
+        checks.integer("eval_every", eval_every, low=1, who="train ")
+    checks.integer("seed", seed, who="train ")
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"train precision={precision!r}: choose 'auto', 'fp32', 'bf16' or 'fp16'")
+    if not len(data):
+        raise ValueError("train got no examples: data is empty")
     torch.manual_seed(seed)
     device = torch.device(device) if device else default_device()
     model.to(device)
@@ -90,6 +104,9 @@ def train(model, data, *, pad_id: int, steps: int = 200, batch_size: int = 32, l
 @torch.no_grad()
 def accuracy(model, data, pad_id: int, batch_size: int = 256) -> float:
     """Fraction of examples whose argmax logit equals the label (sequence classification)."""
+    checks.integer("batch_size", batch_size, low=1, who="accuracy ")
+    if not len(data):
+        raise ValueError("accuracy got no examples: data is empty")
     model.eval()
     device = next(model.parameters()).device
     correct = 0
@@ -103,6 +120,9 @@ def accuracy(model, data, pad_id: int, batch_size: int = 256) -> float:
 @torch.no_grad()
 def eval_loss(model, data, pad_id: int, batch_size: int = 128) -> float:
     """Mean cross-entropy per target token over ``data`` (causal LM with -100 masked labels)."""
+    checks.integer("batch_size", batch_size, low=1, who="eval_loss ")
+    if not len(data):
+        raise ValueError("eval_loss got no examples: data is empty")
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
@@ -117,6 +137,10 @@ def eval_loss(model, data, pad_id: int, batch_size: int = 128) -> float:
 @torch.no_grad()
 def generate(model, tok, prompts: list[str], max_new_tokens: int = 48, batch_size: int = 100) -> list[str]:
     """Greedy continuations of ``prompts`` (left-padded batches), new text only."""
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"generate: prompts must be a list of strings, got {type(prompts).__name__}")
+    checks.integer("max_new_tokens", max_new_tokens, low=1, who="generate ")
+    checks.integer("batch_size", batch_size, low=1, who="generate ")
     model.eval()
     device = next(model.parameters()).device
     side, tok.padding_side = tok.padding_side, "left"

@@ -86,6 +86,11 @@ def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = 256, lookup_table:
     pure-torch path; ``True`` reproduces its CPU kernel, which rounds x / absmax to a grid of 65,536
     points first and so, now and then, lands a few levels away from the nearest.
     """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
+        raise TypeError(f"quantize_blockwise_8bit takes a non-empty floating-point tensor, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    checks.integer("blocksize", blocksize, low=1, who="quantize_blockwise_8bit ")
+    checks.boolean("lookup_table", lookup_table, who="quantize_blockwise_8bit ")
     scaled, absmax = _scale_blocks(x.reshape(-1).float(), blocksize)
     code = dynamic_code_book()
     if lookup_table:
@@ -186,6 +191,7 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | N
     (default: the original dtype), as bitsandbytes' dequantize_4bit.
 
     One lookup per byte in a 256-entry table of level pairs, rather than unpacking the nibbles."""
+    checks.float_dtype("dtype", dtype, who="dequantize_nf4 ")
     n = prod(state.shape)
     values = torch.index_select(_byte_table(packed.device), 0, packed.reshape(-1).int()).reshape(-1)[:n]
     out = _scale_by_blocks(values, state.constants(), state.blocksize).reshape(state.shape)
@@ -195,6 +201,9 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | N
 def bits_per_parameter(blocksize: int = 64, double_quant: bool = False, dq_blocksize: int = 256) -> float:
     """4 bits per code plus the block constants: 32 / blocksize bits without double quantization,
     8 / blocksize + 32 / (blocksize * dq_blocksize) with it (the offset, one number, is ignored)."""
+    check_blocksize(blocksize)
+    checks.boolean("double_quant", double_quant, who="bits_per_parameter ")
+    checks.integer("dq_blocksize", dq_blocksize, low=1, who="bits_per_parameter ")
     constants = 8 / blocksize + 32 / (blocksize * dq_blocksize) if double_quant else 32 / blocksize
     return 4 + constants
 
@@ -219,6 +228,9 @@ def fake_quantize(w: torch.Tensor, code: torch.Tensor, blocksize: int = 64) -> t
     """Quantize to the nearest level of any code book with blockwise absmax and return the
     dequantized tensor (what the network computes with), in the input's dtype."""
     _check(w, blocksize)
+    if not isinstance(code, torch.Tensor) or code.dim() != 1 or not code.is_floating_point() or code.numel() < 2:
+        raise TypeError(f"fake_quantize: code must be a 1-D floating-point tensor of levels in [-1, 1] "
+                        f"(e.g. nf4_code_book()), got {code!r}")
     levels = code.float().unique()                                      # sorted, duplicates (±0) merged
     scaled, absmax = _scale_blocks(w.reshape(-1).float(), blocksize)
     return _scale_by_blocks(levels[_nearest(scaled, levels)], absmax, blocksize).reshape(w.shape).to(w.dtype)

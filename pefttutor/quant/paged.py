@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from .. import checks
+
 
 class OffloadedAdamW(torch.optim.Optimizer):
     """AdamW (Loshchilov and Hutter, decoupled weight decay) with its state kept on ``state_device``.
@@ -22,10 +24,15 @@ class OffloadedAdamW(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, state_device="cpu"):
-        if not lr > 0 or not eps > 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"OffloadedAdamW needs lr > 0, eps > 0, weight_decay >= 0 and betas in "
-                             f"[0, 1); got lr={lr}, eps={eps}, weight_decay={weight_decay}, betas={betas}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        who = "OffloadedAdamW "
+        lr = checks.real("lr", lr, low=0, low_open=True, who=who, desc="a finite number (lr > 0)")
+        eps = checks.real("eps", eps, low=0, low_open=True, who=who, desc="a finite number (eps > 0)")
+        weight_decay = checks.real("weight_decay", weight_decay, low=0, who=who, desc="a finite number (weight_decay >= 0)")
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise TypeError(f"{who}betas={betas!r} must be a pair (beta1, beta2), e.g. (0.9, 0.999)")
+        betas = tuple(checks.real(f"betas[{i}]", b, low=0, high=1, high_open=True, who=who)
+                      for i, b in enumerate(betas))
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.state_device = torch.device(state_device)
         self.max_state_bytes_on_device = 0
 
