@@ -186,6 +186,15 @@ def test_row_indexing_reads_the_flat_block_only_for_whole_blocks_per_row(shape, 
     assert row.max() < flat.max() + 1                                   # it reads existing scales
 
 
+def test_row_indexing_condition_on_a_grid():
+    """The QLoRA chapter's exercise 6: equal for every element exactly when B | n, m = 1 or m n <= B."""
+    for blocksize in (32, 64):
+        for m in range(1, 7):
+            for n in range(1, 300):
+                same = torch.equal(flat_block_index((m, n), blocksize), row_block_index((m, n), blocksize))
+                assert same == (n % blocksize == 0 or m == 1 or m * n <= blocksize), (m, n, blocksize)
+
+
 def test_row_indexing_model_reproduces_the_measured_error():
     """On a CPU with AVX-512, bitsandbytes 0.50's FP4 dequantize of this (64, 96) tensor had a mean
     squared error of 0.093 against 0.0149 for its portable path (measured for the issue that added these

@@ -12,6 +12,7 @@ of other blocks. ``row_block_index`` is that index, ``flat_block_index`` the rig
 """
 from __future__ import annotations
 
+import contextlib
 from math import prod
 
 import torch
@@ -34,15 +35,21 @@ def row_block_index(shape, blocksize: int) -> torch.Tensor:
 def reference_dequantize(packed: torch.Tensor, quant_state, dtype: torch.dtype | None = None) -> torch.Tensor:
     """bitsandbytes' own portable semantics of ``dequantize_4bit``: its pure-torch kernel (registered
     as the op's "default"), reached by redispatching past whatever CPU kernel this machine would run.
-    Double-quantized constants are restored as ``bitsandbytes.functional.dequantize_4bit`` does."""
+    Double-quantized constants are restored as ``bitsandbytes.functional.dequantize_4bit`` does.
+
+    bitsandbytes wraps that function in ``torch.compile``; it is run eagerly here (the same elementwise
+    arithmetic, without a compiler and a recompilation for every shape)."""
     import bitsandbytes.functional as BF
     absmax = quant_state.absmax
     if quant_state.nested:
         absmax = (BF.dequantize_blockwise(quant_state.absmax, quant_state.state2) + quant_state.offset).float()
     keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
-    return torch.ops.bitsandbytes.dequantize_4bit.default.redispatch(
-        keys, packed, absmax, quant_state.blocksize, quant_state.quant_type, quant_state.shape,
-        dtype or quant_state.dtype)
+    eager = (torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance")
+             else contextlib.nullcontext())
+    with eager:
+        return torch.ops.bitsandbytes.dequantize_4bit.default.redispatch(
+            keys, packed, absmax, quant_state.blocksize, quant_state.quant_type, quant_state.shape,
+            dtype or quant_state.dtype)
 
 
 def row_indexed_dequantize(packed: torch.Tensor, quant_state) -> torch.Tensor:
