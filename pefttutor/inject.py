@@ -2,8 +2,8 @@
 
 Defined in the chapter "LoRA" (book/lora.ipynb), where the injector is built step by step.
 
-Every operation here that changes a model is atomic: it checks everything it can first, records what
-it changes as it goes, and on any error puts the model back exactly as it was before raising.
+Every operation here that changes a model is atomic: it checks everything it can first, records the
+model's structure before it changes it, and on any error puts the model back exactly as it was.
 """
 from __future__ import annotations
 
@@ -166,8 +166,8 @@ class AdapterLayer(AdapterModule):
 # Changing a model atomically
 
 
-def set_submodule(model: nn.Module, name: str, module: nn.Module):
-    """Put ``module`` at the dotted ``name`` (``"model.layers.0.mlp"``) inside ``model``."""
+def set_submodule(model: nn.Module, name: str, module):
+    """Put ``module`` (or a parameter) at the dotted ``name`` (``"model.layers.0.mlp"``) in ``model``."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, module)
 
@@ -189,8 +189,7 @@ class Changes:
 
     def replace(self, name: str, new):
         """Swap the submodule (or a module's parameter, ``"lm_head.weight"``) at ``name`` for ``new``."""
-        parent_name, _, child = name.rpartition(".")
-        setattr(self.model.get_submodule(parent_name), child, new)
+        set_submodule(self.model, name, new)
 
     def undo(self):
         for m, name, child in self.children:
@@ -209,7 +208,8 @@ class Changes:
 @contextlib.contextmanager
 def atomic(model: nn.Module):
     """``with atomic(model) as changes:`` runs an operation that either completes or, on any error,
-    leaves ``model`` as it was (module swaps made through ``changes.replace`` are undone)."""
+    leaves ``model`` as it was: its modules, parameters, ``requires_grad`` flags and pefttutor
+    attributes (the values of tensors are not copied: operations change them only after their checks)."""
     changes = Changes(model)
     try:
         yield changes

@@ -29,9 +29,9 @@ class _DequantizeMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        layer = ctx.layer
-        W = dequantize_nf4(layer.packed, layer.state).to(grad.dtype) if ctx.needs_input_grad[0] else None
-        grad_x = grad @ W if ctx.needs_input_grad[0] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:                 # W in its stored dtype first, then the gradient's
+            grad_x = grad @ dequantize_nf4(ctx.layer.packed, ctx.layer.state).to(grad.dtype)
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
         return grad_x, grad_bias, None            # W is frozen: no gradient for it
 
