@@ -99,9 +99,9 @@ class AdapterLayer(AdapterModule):
     """
 
     def __init__(self, base: nn.Module):
-        self.shape_of(base)                     # checked before super().__init__ freezes the base
+        shape = self.shape_of(base)             # checked before super().__init__ freezes the base
         super().__init__(base)
-        self.out_features, self.in_features = linear_shape(base)
+        self.out_features, self.in_features = shape
 
     @classmethod
     def shape_of(cls, base: nn.Module) -> tuple[int, int]:

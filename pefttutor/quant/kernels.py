@@ -32,17 +32,22 @@ def row_block_index(shape, blocksize: int) -> torch.Tensor:
     return (i * (n // blocksize) + j // blocksize).reshape(shape)
 
 
+def _absmax(quant_state) -> torch.Tensor:
+    """The fp32 absmax of every block, restored from 8 bits as ``bitsandbytes.functional.dequantize_4bit``
+    does when the state is double-quantized."""
+    if not quant_state.nested:
+        return quant_state.absmax
+    import bitsandbytes.functional as BF
+    return (BF.dequantize_blockwise(quant_state.absmax, quant_state.state2) + quant_state.offset).float()
+
+
 def reference_dequantize(packed: torch.Tensor, quant_state, dtype: torch.dtype | None = None) -> torch.Tensor:
     """bitsandbytes' own portable semantics of ``dequantize_4bit``: its pure-torch kernel (registered
     as the op's "default"), reached by redispatching past whatever CPU kernel this machine would run.
-    Double-quantized constants are restored as ``bitsandbytes.functional.dequantize_4bit`` does.
 
     bitsandbytes wraps that function in ``torch.compile``; it is run eagerly here (the same elementwise
     arithmetic, without a compiler and a recompilation for every shape)."""
-    import bitsandbytes.functional as BF
-    absmax = quant_state.absmax
-    if quant_state.nested:
-        absmax = (BF.dequantize_blockwise(quant_state.absmax, quant_state.state2) + quant_state.offset).float()
+    absmax = _absmax(quant_state)
     keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
     eager = (torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance")
              else contextlib.nullcontext())
@@ -57,10 +62,7 @@ def row_indexed_dequantize(packed: torch.Tensor, quant_state) -> torch.Tensor:
     rounded once to the state's dtype): a model of the AVX-512 kernel, to compare it with."""
     from .nf4 import fp4_code_book, nf4_code_book
     code = {"nf4": nf4_code_book(), "fp4": fp4_code_book()}[quant_state.quant_type].to(packed.device)
-    absmax = quant_state.absmax
-    if quant_state.nested:
-        import bitsandbytes.functional as BF
-        absmax = (BF.dequantize_blockwise(quant_state.absmax, quant_state.state2) + quant_state.offset).float()
+    absmax = _absmax(quant_state)
     shape = tuple(quant_state.shape)
     p = packed.reshape(-1)
     nibbles = torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1)[:prod(shape)].long()
