@@ -15,6 +15,7 @@ Everything is a pure function of its seed, so two calls give identical data.
 """
 from __future__ import annotations
 
+import collections
 import random
 import re
 
@@ -188,27 +189,51 @@ def _review_doc(rng, world):
     return " ".join(lines)
 
 
+def _town_doc(rng, name, t, world):
+    lines = [f"{name} is {_a(t['size'])} {t['size']} town in the {t['region']} .",
+             f"the river {t['river']} runs through {name} .",
+             f"{name} lies in the {t['region']} ."]
+    rng.shuffle(lines)
+    return " ".join(lines[: rng.randint(1, 3)])
+
+
+def _work_doc(rng, name, p, world):
+    """What a person works with: the clue words of the ``jobs`` task, next to the job's name."""
+    clues = job_clues()[p["job"]]
+    lines = [f"{name} works as a {p['job']} ."]
+    lines += [rng.choice(_DAY).format(p=name, a=_a(c), c=c) for c in rng.sample(clues, rng.randint(1, 3))]
+    return " ".join(lines)
+
+
 def make_corpus(n_docs: int = 30000, seed: int = 0, world: dict | None = None) -> list[str]:
-    """The pretraining corpus: ``n_docs`` short documents drawn from the world."""
+    """The pretraining corpus: ``n_docs`` short documents drawn from the world: facts about
+    people, towns and restaurants, stories, what people work with, and reviews."""
     world = world or make_world()
     rng = random.Random(seed)
-    people, rests = sorted(world["people"]), sorted(world["restaurants"])
+    people, rests, towns = sorted(world["people"]), sorted(world["restaurants"]), sorted(world["towns"])
     docs = []
     for _ in range(n_docs):
         u = rng.random()
-        if u < 0.3:
+        if u < 0.2:
             name = rng.choice(people)
             docs.append(_person_doc(rng, name, world["people"][name], world))
-        elif u < 0.5:
+        elif u < 0.3:
             name = rng.choice(people)
             docs.append(_story_doc(rng, name, world["people"][name], world))
+        elif u < 0.4:
+            name = rng.choice(towns)
+            docs.append(_town_doc(rng, name, world["towns"][name], world))
+        elif u < 0.5:
+            name = rng.choice(people)
+            docs.append(_work_doc(rng, name, world["people"][name], world))
         elif u < 0.75:
             name = rng.choice(rests)
             docs.append(_restaurant_doc(rng, name, world["restaurants"][name], world))
-        elif u < 0.92:
+        elif u < 0.9:
             docs.append(_review_doc(rng, world))
         else:
-            docs.append(make_review(rng, world)[0])
+            docs.append(make_hard_review(rng, world, negation=0.4, forms=(0.35, 0.6, 0.85),
+                                         chains=(2, 3))[0])
     return docs
 
 
@@ -248,9 +273,199 @@ def _restaurants(seed, sizes, world):
     return _split(lambda rng: _restaurant_example(rng, world), sizes, seed)
 
 
-TASKS = {"reviews": (_reviews, {"train": 2000, "validation": 300, "test": 500}),
-         "restaurants": (_restaurants, {"train": 1500, "validation": 200, "test": 200})}
-HUB_TASKS = {"sst2": "reviews", "e2e_nlg": "restaurants"}
+# ---------------------------------------------------------------------------------------------
+# The suite: harder tasks over the same world
+
+
+def _polar_clause(rng, positive: bool, negation: float = 0.3) -> str:
+    """A clause of the requested polarity: 'the soup was lovely', 'the soup was far from awful'."""
+    negate = rng.random() < negation
+    words = NEGATIVE if positive == negate else POSITIVE
+    if negate:
+        verb = rng.choice(["was not", "was never", "was hardly", "was far from", "was anything but"])
+    else:
+        verb = rng.choice(["was", "was really", "seemed", "felt", "was quite"])
+    return f"the {rng.choice(ASPECTS)} {verb} {rng.choice(words)}"
+
+
+def make_hard_review(rng: random.Random, world: dict, negation: float = 0.3,
+                     forms=(0.45, 0.7, 0.85), chains=(2, 2, 3)) -> tuple[str, int]:
+    """A review of two to four clauses; the label is the polarity of the clause group that decides.
+
+    Clauses joined by "and" share a polarity. In "A but B" (also "yet", "still") the last group
+    decides; in "although A , B" and in "B , although A" the main clause B decides, wherever it
+    stands. Negations ("hardly", "far from", "anything but") flip a word's polarity.
+
+    ``negation`` is the share of negated clauses; ``forms`` the cumulative shares of the "but"
+    chains, "although A , B" and "B , although A" (the rest: one group); ``chains`` the group
+    counts a "but" chain draws from. The pretraining corpus uses a harder mix than the task.
+    """
+    label = rng.randint(0, 1)
+    place = rng.choice(sorted(world["restaurants"]))
+
+    def group(positive):
+        return " and ".join(_polar_clause(rng, positive, negation) for _ in range(rng.choice([1, 1, 2])))
+
+    form = rng.random()
+    if form < forms[0]:                               # "A but B (but C)": the last group decides
+        n = rng.choice(chains)
+        polarity = bool(label) if n % 2 else not label
+        parts = []
+        for g in range(n):
+            parts.append(group(polarity) if g == 0 else f"{rng.choice(['but', 'yet', 'still'])} {group(polarity)}")
+            polarity = not polarity
+        text = f"at {place} " + " , ".join(parts) + " ."
+    elif form < forms[1]:                             # "although A , B"
+        conj = rng.choice(["although", "even though", "while"])
+        text = f"{conj} {group(not label)} , {group(bool(label))} at {place} ."
+    elif form < forms[2]:                             # "B , although A": the main clause first
+        conj = rng.choice(["although", "even though", "while"])
+        text = f"at {place} {group(bool(label))} , {conj} {group(not label)} ."
+    else:                                             # one group
+        text = f"at {place} {group(bool(label))} ."
+    return text, label
+
+
+def _sentiment(seed, sizes, world):
+    def make(rng):
+        text, label = make_hard_review(rng, world)
+        return {"text": text, "label": label}
+    return _split(make, sizes, seed)
+
+
+# Natural-language inference over facts about people: entailment / neutral / contradiction,
+# in GLUE MNLI's label order.
+NLI_LABELS = ["entailment", "neutral", "contradiction"]
+_RELATIONS = {
+    "town": ("{p} lives in {v} .", "{p} does not live in {v} ."),
+    "job": ("{p} works as a {v} .", "{p} does not work as a {v} ."),
+    "pet": ("{p} has {a} {v} .", "{p} does not have {a} {v} ."),
+    "dish": ("every day {p} eats {v} .", "{p} never eats {v} ."),
+}
+_VALUES = {"job": JOBS, "pet": PETS, "dish": DISHES}
+
+
+def _fact(rel, person, value, negated=False):
+    return _RELATIONS[rel][negated].format(p=person, v=value, a=_a(value))
+
+
+def make_nli(rng: random.Random, world: dict) -> dict:
+    """A premise of two or three facts about a person and a hypothesis about the same person.
+
+    The hypothesis restates a premise fact (entailment), gives that relation another value
+    (contradiction), or speaks of a relation the premise does not mention (neutral); a negated
+    hypothesis swaps entailment and contradiction. A fifth of the premises place the person in a
+    town and the hypothesis names the town's region, which only the pretraining corpus tells.
+    """
+    person = rng.choice(sorted(world["people"]))
+    facts = world["people"][person]
+    towns = sorted(world["towns"])
+    said = rng.sample(sorted(_RELATIONS), rng.randint(2, 3))
+    premise = " ".join(_fact(r, person, facts[r]) for r in said)
+    label = rng.randrange(3)
+    if label == 1:                               # neutral: a relation the premise leaves out
+        rel = rng.choice([r for r in _RELATIONS if r not in said])
+        values = towns if rel == "town" else _VALUES[rel]
+        return {"premise": premise, "hypothesis": _fact(rel, person, rng.choice(values),
+                                                        rng.random() < 0.3), "label": 1}
+    negated = rng.random() < 0.3
+    truth = (label == 0) != negated              # should the stated value be the true one?
+    if "town" in said and rng.random() < 0.2:    # the region of the town: world knowledge
+        region = world["towns"][facts["town"]]["region"]
+        value = region if truth else rng.choice([r for r in REGIONS if r != region])
+        verb = "does not live" if negated else "lives"
+        return {"premise": premise, "hypothesis": f"{person} {verb} in the {value} .", "label": label}
+    rel = rng.choice(said)
+    values = towns if rel == "town" else _VALUES[rel]
+    value = facts[rel] if truth else rng.choice([v for v in values if v != facts[rel]])
+    return {"premise": premise, "hypothesis": _fact(rel, person, value, negated), "label": label}
+
+
+def _nli(seed, sizes, world):
+    return _split(lambda rng: make_nli(rng, world), sizes, seed)
+
+
+# Many labels: a person's job from what they work with. The clue sets are the 21 translates of
+# the perfect difference set {3, 6, 7, 12, 14} mod 21 (a projective plane of order 4): every clue
+# belongs to five jobs, so one clue never decides, and any two clues belong together to exactly
+# one job, so two or three clues always do. The task is to intersect.
+CLUES = ("oven sieve knife needle thread boat net hammer brush easel ladder plough spade bucket "
+         "chisel loom spindle cart rope lamp bandage").split()
+_DIFFERENCE_SET = (3, 6, 7, 12, 14)
+_DAY = ["{p} spent the day with {a} {c} .", "{p} needs {a} {c} for work .",
+        "at work {p} uses {a} {c} .", "{p} bought {a} new {c} for the job ."]
+
+
+def job_clues() -> dict:
+    """job -> its five clue words; two jobs share exactly one clue."""
+    n = len(CLUES)
+    return {job: [CLUES[(i + d) % n] for d in _DIFFERENCE_SET] for i, job in enumerate(JOBS)}
+
+
+def make_job(rng: random.Random, world: dict, clues: dict) -> dict:
+    job = rng.choice(JOBS)
+    person = rng.choice(sorted(world["people"]))
+    picked = rng.sample(clues[job], rng.choice([2, 3]))
+    text = " ".join(rng.choice(_DAY).format(p=person, a=_a(c), c=c) for c in picked)
+    return {"text": text, "label": JOBS.index(job)}
+
+
+def _jobs(seed, sizes, world):
+    clues = job_clues()
+    return _split(lambda rng: make_job(rng, world, clues), sizes, seed)
+
+
+# Knowledge: what does a person do? "bacasus works as a" -> baker. The prompt stops where the
+# pretraining corpus continues with the job, and the test split asks about people the training
+# split never mentions: only what pretraining taught can answer (chance is 1 in 20).
+def _knowledge(seed, sizes, world):
+    people = sorted(world["people"])
+    random.Random(WORLD_SEED).shuffle(people)     # the same partition for every seed
+    n_test, n_val = len(people) // 5, len(people) // 10
+    pools = {"test": people[:n_test], "validation": people[n_test:n_test + n_val],
+             "train": people[n_test + n_val:]}
+    out = {}
+    for i, (split, n) in enumerate(sizes.items()):
+        rng = random.Random(seed * 1000 + i)
+        rows = []
+        for _ in range(n):
+            person = rng.choice(pools[split])
+            rows.append({"text": f"{person} works as a", "label": JOBS.index(world["people"][person]["job"])})
+        out[split] = Dataset.from_list(rows)
+    return DatasetDict(out)
+
+
+class Task:
+    """A task of the suite: how to make it, its default split sizes, its kind and labels, and the
+    Hub dataset that has the same columns after :func:`standardize_hub`."""
+
+    def __init__(self, make, sizes, kind, labels=None, hub=None, about=""):
+        self.make, self.sizes, self.kind = make, sizes, kind
+        self.labels, self.hub, self.about = labels, hub, about
+
+    @property
+    def num_labels(self):
+        return len(self.labels) if self.labels else None
+
+
+_CLS_SIZES = {"train": 2000, "validation": 300, "test": 500}
+TASKS = {
+    "reviews": Task(_reviews, _CLS_SIZES, "classification", ["negative", "positive"], "sst2",
+                    "one-sentence sentiment with negation and contrast (the first chapters' task)"),
+    "sentiment": Task(_sentiment, _CLS_SIZES, "classification", ["negative", "positive"], "sst2",
+                      "sentiment of two to four clauses: negations and the last contrast decide"),
+    "nli": Task(_nli, _CLS_SIZES, "pair", NLI_LABELS, "mnli",
+                "does the premise entail, contradict or say nothing about the hypothesis?"),
+    "jobs": Task(_jobs, _CLS_SIZES, "classification", JOBS, "banking77",
+                 "which of 20 jobs? each clue fits three jobs; two or three clues are given"),
+    "knowledge": Task(_knowledge, _CLS_SIZES, "classification", JOBS, "boolq",
+                      "what does this person do? only pretraining knows (people unseen in training)"),
+    "restaurants": Task(_restaurants, {"train": 1500, "validation": 200, "test": 200}, "generation",
+                        None, "e2e_nlg", "data-to-text: describe a restaurant from its attributes"),
+}
+SUITE = ["sentiment", "nli", "jobs", "knowledge", "restaurants"]
+HUB_TASKS = {"sst2": "sentiment", "mnli": "nli", "banking77": "jobs", "boolq": "knowledge",
+             "e2e_nlg": "restaurants"}
 
 
 def _check_sizes(sizes, default: dict) -> dict:
@@ -258,39 +473,109 @@ def _check_sizes(sizes, default: dict) -> dict:
         return {}
     if not isinstance(sizes, dict):
         raise TypeError(f"sizes={sizes!r} must be a dict such as {{'train': 1000}}")
-    unknown = sorted(set(sizes) - set(default))
+    unknown = sorted(set(sizes) - set(default) - {"few_shot"})
     if unknown:
         raise ValueError(f"sizes: no split named {unknown[0]!r}; the splits are {sorted(default)}")
     return {k: checks.integer(f"sizes[{k!r}]", v, low=1) for k, v in sizes.items()}
 
 
-def load_task(name: str = "reviews", seed: int = 0, sizes: dict | None = None) -> DatasetDict:
-    """A downstream task as a ``DatasetDict`` with train / validation / test splits.
+def few_shot(split: Dataset, k: int, seed: int = 0) -> Dataset:
+    """``k`` examples of every label (or ``k`` examples for a generation task), drawn from ``split``."""
+    k = checks.integer("k", k, low=1, who="few_shot ")
+    if "label" not in split.column_names:
+        return split.shuffle(seed=seed).select(range(min(k, len(split))))
+    rng = random.Random(seed)
+    by_label: dict = {}
+    for i, y in enumerate(split["label"]):
+        by_label.setdefault(y, []).append(i)
+    short = sorted(y for y, idx in by_label.items() if len(idx) < k)
+    if short:
+        raise ValueError(f"few_shot: k={k} but label {short[0]} has only {len(by_label[short[0]])} "
+                         f"examples in the split; use a smaller k")
+    picked = [i for y in sorted(by_label) for i in rng.sample(by_label[y], k)]
+    rng.shuffle(picked)
+    return split.select(picked)
 
-    Offline: ``"reviews"`` (columns ``text``, ``label``) and ``"restaurants"`` (``mr``, ``text``).
-    Hub (needs the network): ``"sst2"`` (GLUE SST-2) and ``"e2e_nlg"`` (E2E), mapped to the same
-    columns as their offline counterparts; sizes cap each split.
+
+def load_task(name: str = "reviews", seed: int = 0, sizes: dict | None = None,
+              k: int | None = None) -> DatasetDict:
+    """A task as a ``DatasetDict`` with train / validation / test splits and a ``few_shot`` split
+    (``k`` training examples per label; by default 16, or fewer where a small train split has
+    fewer examples of some label).
+
+    Offline (see ``TASKS``): ``"sentiment"``, ``"nli"``, ``"jobs"``, ``"knowledge"`` and
+    ``"restaurants"`` (the suite), and ``"reviews"``. Columns: ``text`` and ``label``;
+    ``premise``, ``hypothesis`` and ``label`` (``nli``); ``mr`` and ``text`` (``restaurants``).
+    Hub (needs the network): ``"sst2"``, ``"mnli"``, ``"banking77"``, ``"boolq"`` and
+    ``"e2e_nlg"``, mapped to the same columns as their offline counterparts; sizes cap each split.
     """
     if name in TASKS:
-        make, default = TASKS[name]
-        return make(seed, {**default, **_check_sizes(sizes, default)}, make_world())
+        task = TASKS[name]
+        sizes = {**task.sizes, **_check_sizes(sizes, task.sizes)}
+        sizes.pop("few_shot", None)
+        dd = task.make(seed, sizes, make_world())
+    elif name in HUB_TASKS:
+        dd = from_hub(name, sizes)
+    else:
+        raise ValueError(f"unknown task {name!r}: use one of {sorted(TASKS)} (offline) "
+                         f"or {sorted(HUB_TASKS)} (from the Hub)")
+    if k is None:
+        labels = dd["train"]["label"] if "label" in dd["train"].column_names else [0] * len(dd["train"])
+        k = min(16, min(collections.Counter(labels).values()))
+    dd["few_shot"] = few_shot(dd["train"], k, seed)
+    return dd
+
+
+# A Hub counterpart with other labels than its offline task.
+HUB_LABELS = {"banking77": [str(i) for i in range(77)], "boolq": ["false", "true"]}
+
+
+def task_info(name: str) -> Task:
+    """The :class:`Task` behind an offline name, or a Hub name's (its offline counterpart's, with
+    the Hub dataset's own labels)."""
     if name in HUB_TASKS:
-        return from_hub(name, sizes)
-    raise ValueError(f"unknown task {name!r}: use one of {sorted(TASKS)} (offline) "
-                     f"or {sorted(HUB_TASKS)} (from the Hub)")
+        task = TASKS[HUB_TASKS[name]]
+        if name in HUB_LABELS:
+            task = Task(task.make, task.sizes, task.kind, HUB_LABELS[name], name, task.about)
+        return task
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}: use one of {sorted(TASKS)} or {sorted(HUB_TASKS)}")
+    return TASKS[name]
+
+
+_HUB_SOURCES = {"sst2": ("glue", "sst2"), "mnli": ("glue", "mnli"), "banking77": ("PolyAI/banking77",),
+                "boolq": ("google/boolq",), "e2e_nlg": ("e2e_nlg",)}
 
 
 def standardize_hub(name: str, dd: DatasetDict, sizes: dict | None = None, seed: int = 0) -> DatasetDict:
     """Map a Hub dataset to the offline task's columns and train / validation / test splits.
 
-    SST-2's test labels are hidden, so its validation split becomes the test split and a slice
-    of train becomes validation.
+    GLUE hides its test labels, so SST-2's and MNLI's validation split (matched, for MNLI) becomes
+    the test split and a slice of train becomes validation; the same for BoolQ and banking77,
+    which have no validation split. BoolQ is asked closed-book: the question without its passage,
+    as the offline ``knowledge`` task asks what pretraining taught.
     """
+    def keep(d, cols):
+        return d.remove_columns([c for c in d.column_names if c not in cols])
+
+    def carve(train, test, n_val):
+        parts = train.train_test_split(test_size=n_val, seed=seed)
+        return DatasetDict(train=parts["train"], validation=parts["test"], test=test)
+
     if name == "sst2":
-        dd = dd.rename_column("sentence", "text").remove_columns(
-            [c for c in dd["train"].column_names if c not in ("sentence", "label")])
-        parts = dd["train"].train_test_split(test_size=872, seed=seed)
-        dd = DatasetDict(train=parts["train"], validation=parts["test"], test=dd["validation"])
+        dd = DatasetDict({k: keep(v, ("sentence", "label")).rename_column("sentence", "text")
+                          for k, v in dd.items()})
+        dd = carve(dd["train"], dd["validation"], 872)
+    elif name == "mnli":
+        dd = DatasetDict({k: keep(v, ("premise", "hypothesis", "label")) for k, v in dd.items()})
+        dd = carve(dd["train"], dd["validation_matched"], 2000)
+    elif name == "banking77":
+        dd = carve(keep(dd["train"], ("text", "label")), keep(dd["test"], ("text", "label")), 1000)
+    elif name == "boolq":
+        dd = DatasetDict({k: keep(v, ("question", "answer")) for k, v in dd.items()})
+        dd = DatasetDict({k: v.map(lambda e: {"text": e["question"] + " ?", "label": int(e["answer"])},
+                                   remove_columns=["question", "answer"]) for k, v in dd.items()})
+        dd = carve(dd["train"], dd["validation"], 1000)
     elif name == "e2e_nlg":
         dd = dd.rename_columns({"meaning_representation": "mr", "human_reference": "text"})
         dd = DatasetDict({k: v.map(lambda e: {"mr": _e2e_mr(e["mr"])}) for k, v in dd.items()})
@@ -307,8 +592,7 @@ def _e2e_mr(mr: str) -> str:
 
 def from_hub(name: str, sizes: dict | None = None) -> DatasetDict:
     from datasets import load_dataset
-    raw = load_dataset("glue", "sst2") if name == "sst2" else load_dataset("e2e_nlg")
-    return standardize_hub(name, raw, sizes)
+    return standardize_hub(name, load_dataset(*_HUB_SOURCES[name]), sizes)
 
 
 def parse_mr(mr: str) -> dict:
@@ -325,8 +609,13 @@ PROMPT = "{mr} =>"
 
 
 def encode_classification(split, tok, max_length: int = 128) -> list[dict]:
-    """Token ids and the label of each example (``text``, ``label`` columns)."""
-    ids = tok(list(split["text"]), truncation=True, max_length=max_length)["input_ids"]
+    """Token ids and the label of each example (``text`` and ``label``, or ``premise``,
+    ``hypothesis`` and ``label`` for a sentence pair)."""
+    if "premise" in split.column_names:          # a sentence pair: premise, then hypothesis
+        ids = tok(list(split["premise"]), list(split["hypothesis"]), truncation=True,
+                  max_length=max_length)["input_ids"]
+    else:
+        ids = tok(list(split["text"]), truncation=True, max_length=max_length)["input_ids"]
     return [{"input_ids": i, "labels": int(y)} for i, y in zip(ids, split["label"])]
 
 

@@ -16,10 +16,13 @@ def test_world_and_corpus_are_deterministic():
     assert data.make_corpus(200, seed=1) != data.make_corpus(200)
 
 
-@pytest.mark.parametrize("name, columns", [("reviews", ["text", "label"]), ("restaurants", ["mr", "text"])])
+@pytest.mark.parametrize("name, columns", [
+    ("reviews", ["text", "label"]), ("sentiment", ["text", "label"]), ("jobs", ["text", "label"]),
+    ("knowledge", ["text", "label"]), ("nli", ["premise", "hypothesis", "label"]),
+    ("restaurants", ["mr", "text"])])
 def test_tasks_are_deterministic(name, columns):
     a, b = data.load_task(name), data.load_task(name)
-    assert list(a) == ["train", "validation", "test"]
+    assert list(a) == ["train", "validation", "test", "few_shot"]
     for split in a:
         assert a[split].column_names == columns
         assert a[split].to_list() == b[split].to_list()
