@@ -6,9 +6,9 @@ Two real ``transformers`` architectures, pretrained by the recipe below on the g
 :mod:`pefttutor.data`:
 
 * ``"zoo-decoder"``: a ``LlamaForCausalLM`` (3 layers, hidden size 128), next-token prediction;
-* ``"zoo-encoder"``: a ``BertForPreTraining`` (3 layers, hidden size 128), masked-language modelling
-  and next-sentence prediction, as BERT was pretrained, then a short stage that teaches the pooled
-  [CLS] vector to summarise its sequence (:func:`summarise`);
+* ``"zoo-encoder"``: a ``BertForMaskedLM`` (3 layers, hidden size 128), masked-language modelling
+  alone, as RoBERTa was pretrained (BERT's next-sentence prediction trained a pooler that saturated
+  and left the encoder unable to adapt; see the chapter);
 
 both with a byte-pair-encoding tokenizer trained with the ``tokenizers`` library. They are stored as
 safetensors under ``pefttutor/zoo_models`` and load with ``from_pretrained(path)`` like any Hub model.
@@ -23,12 +23,13 @@ import math
 import pathlib
 import random
 import re
+from types import SimpleNamespace
 
 import torch
 import transformers
 from torch.nn import functional as F
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                          BertConfig, BertForPreTraining, LlamaConfig, LlamaForCausalLM,
+                          BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM,
                           PreTrainedTokenizerFast)
 
 from .data import make_corpus, pad_rows
@@ -90,28 +91,6 @@ def _sentences(doc: str) -> list[str]:
     return [s for s in re.split(r"(?<= \.) ", doc) if s]
 
 
-def _encoder_examples(corpus: list[str], tok, rng: random.Random) -> list[tuple]:
-    """BERT's two objectives: every document is masked for MLM; a document of two or more sentences
-    is also cut into a pair (A, B), and half the time B is replaced by text from another document.
-    Next-sentence prediction is BERT's objective for [CLS] and the pooler; at this model size it does
-    not make [CLS] a usable summary of the sentence, which is why :func:`summarise` follows."""
-    docs = [_sentences(d) for d in corpus]
-    out = []
-    for sents in docs:
-        if len(sents) < 2:
-            enc = tok(" ".join(sents), truncation=True, max_length=128, return_token_type_ids=True)
-            out.append((enc["input_ids"], enc["token_type_ids"], -100))
-            continue
-        k = rng.randint(1, len(sents) - 1)
-        a, b, label = " ".join(sents[:k]), " ".join(sents[k:]), 0
-        if rng.random() < 0.5:
-            other = docs[rng.randrange(len(docs))]
-            b, label = " ".join(other[rng.randrange(len(other)):]), 1
-        enc = tok(a, b, truncation=True, max_length=128, return_token_type_ids=True)
-        out.append((enc["input_ids"], enc["token_type_ids"], label))
-    return out
-
-
 def _mask_tokens(x: torch.Tensor, tok, gen: torch.Generator):
     """BERT's masking: 15% of real tokens are predicted; of those 80% [MASK], 10% random, 10% kept."""
     labels = x.clone()
@@ -127,11 +106,35 @@ def _mask_tokens(x: torch.Tensor, tok, gen: torch.Generator):
 
 
 def _encoder_batch(examples, tok, gen):
-    ids = pad_rows([e[0] for e in examples], tok.pad_token_id)
+    ids = pad_rows(examples, tok.pad_token_id)
     masked, labels = _mask_tokens(ids, tok, gen)
-    return {"input_ids": masked, "token_type_ids": pad_rows([e[1] for e in examples], 0),
-            "attention_mask": (ids != tok.pad_token_id).long(), "labels": labels,
-            "next_sentence_label": torch.tensor([e[2] for e in examples])}
+    return {"input_ids": masked, "attention_mask": (ids != tok.pad_token_id).long(), "labels": labels}
+
+
+class EncoderPretraining(torch.nn.Module):
+    """Masked language modelling, plus the masked words predicted a second time from [CLS].
+
+    A linear probe on the last hidden state of [CLS] must say which words were masked (a softmax
+    over the vocabulary, averaged over the masked words). Masked-LM alone never asks [CLS] for
+    anything, and in a model this small, fine-tuned for a few hundred steps, a classifier on
+    [CLS] then waits at chance while the model learns to gather the sentence there. To guess the
+    hidden words from one vector, [CLS] must carry what the sentence is about, sentiment
+    included (a review's sentences agree). The probe is thrown away; BERT's pooler is not
+    trained here, so a classifier starts from a fresh, unsaturated one."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.mlm = BertForMaskedLM(config)
+        self.probe = torch.nn.Linear(config.hidden_size, config.vocab_size)
+
+    def forward(self, input_ids, attention_mask, labels):
+        out = self.mlm(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                       output_hidden_states=True)
+        log_p = F.log_softmax(self.probe(out.hidden_states[-1][:, 0]), dim=-1)   # (batch, vocab)
+        hidden = labels != -100                                                   # (batch, seq)
+        picked = log_p.gather(1, labels.clamp(min=0)) * hidden                    # (batch, seq)
+        cls_loss = -picked.sum() / hidden.sum().clamp(min=1)
+        return SimpleNamespace(loss=out.loss + cls_loss, mlm=out.loss, cls=cls_loss)
 
 
 def _decoder_batch(examples, tok, gen):
@@ -142,8 +145,9 @@ def _decoder_batch(examples, tok, gen):
 
 def pretrain(kind: str, tok, corpus: list[str], steps: int = 2000, batch_size: int = 32,
              lr: float = 3e-3, seed: int = 0, log=print, history: list | None = None):
-    """Pretrain a zoo model from scratch: next-token prediction (decoder), or masked language
-    modelling plus next-sentence prediction (encoder), as GPT and BERT were.
+    """Pretrain a zoo model from scratch: next-token prediction (decoder, as GPT), or masked
+    language modelling without next-sentence prediction (encoder, as RoBERTa) plus the masked
+    words predicted from [CLS] (:class:`EncoderPretraining`).
 
     The loss of every step is appended to ``history`` when one is given."""
     torch.manual_seed(seed)
@@ -153,8 +157,8 @@ def pretrain(kind: str, tok, corpus: list[str], steps: int = 2000, batch_size: i
         examples = [tok(d + " </s>", truncation=True, max_length=128)["input_ids"] for d in corpus]
         make_batch = _decoder_batch
     else:
-        model = BertForPreTraining(encoder_config(tok))
-        examples = _encoder_examples(corpus, tok, rng)
+        model = EncoderPretraining(encoder_config(tok))
+        examples = [tok(d, truncation=True, max_length=128)["input_ids"] for d in corpus]
         make_batch = _encoder_batch
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
@@ -175,39 +179,7 @@ def pretrain(kind: str, tok, corpus: list[str], steps: int = 2000, batch_size: i
             history.append(loss.item())
         if step % 200 == 0 or step == steps - 1:
             log(f"{kind} step {step:5d} loss {loss.item():.3f}")
-    return model.eval()
-
-
-def summarise(model: BertForPreTraining, tok, corpus: list[str], steps: int = 300, batch_size: int = 32,
-              lr: float = 1e-3, seed: int = 0, log=print, history: list | None = None) -> BertForPreTraining:
-    """The encoder's second stage: masked LM plus a bag-of-words objective on the pooled [CLS] vector.
-
-    A linear probe on the pooler's output must predict which words the sequence contains (a multi-label
-    loss; the probe is thrown away). Without it, [CLS] in a model this small carries almost nothing
-    about the sequence, and fine-tuning a classifier on top of it stalls for hundreds of steps."""
-    torch.manual_seed(seed)
-    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
-    probe = torch.nn.Linear(model.config.hidden_size, len(tok))
-    docs = [tok(d, truncation=True, max_length=128)["input_ids"] for d in corpus]
-    opt = torch.optim.AdamW(list(model.parameters()) + list(probe.parameters()), lr=lr, weight_decay=0.01,
-                            betas=(0.9, 0.98))
-    model.train()
-    for step in range(steps):
-        ids = pad_rows([docs[rng.randrange(len(docs))] for _ in range(batch_size)], tok.pad_token_id)
-        masked, labels = _mask_tokens(ids, tok, gen)
-        out = model.bert(input_ids=masked, attention_mask=(ids != tok.pad_token_id).long())
-        mlm = F.cross_entropy(model.cls.predictions(out.last_hidden_state).flatten(0, 1), labels.flatten())
-        bag = torch.zeros(batch_size, len(tok)).scatter_(1, ids, 1.0)
-        bag[:, :len(SPECIAL)] = 0
-        bow = F.binary_cross_entropy_with_logits(probe(out.pooler_output), bag, pos_weight=torch.tensor(20.0))
-        loss = mlm + bow
-        loss.backward()
-        opt.step(), opt.zero_grad()
-        if history is not None:
-            history.append(loss.item())
-        if step % 100 == 0 or step == steps - 1:
-            log(f"encoder stage 2 step {step:4d} mlm {mlm.item():.3f} bag-of-words {bow.item():.3f}")
-    return model.eval()
+    return (model.mlm if kind == "encoder" else model).eval()
 
 
 def build(out_dir: pathlib.Path = ZOO_DIR, steps: int = 2000, n_docs: int = 30000, log=print):
@@ -220,8 +192,6 @@ def build(out_dir: pathlib.Path = ZOO_DIR, steps: int = 2000, n_docs: int = 3000
         for kind in ("decoder", "encoder"):
             tok = _wrap(bpe, kind)
             model = pretrain(kind, tok, corpus, steps=steps, log=log)
-            if kind == "encoder":
-                model = summarise(model, tok, corpus, steps=max(1, steps * 3 // 20), log=log)
             path = pathlib.Path(out_dir) / kind
             model.save_pretrained(path)
             tok.save_pretrained(path)
