@@ -412,7 +412,9 @@ class ParameterCount:
 
 
 def trainable_parameters(model: nn.Module) -> ParameterCount:
-    """Trainable and total parameter counts (each shared tensor counted once)."""
+    """Trainable and total parameter counts (each shared tensor counted once). A quantized layer's
+    weight is a buffer of packed codes, not a parameter; it counts as the ``out * in`` weights it
+    stands for, so the total is the model's parameter count whatever its storage."""
     seen, trainable, total = set(), 0, 0
     for p in model.parameters():
         if id(p) in seen:
@@ -420,6 +422,7 @@ def trainable_parameters(model: nn.Module) -> ParameterCount:
         seen.add(id(p))
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
+    total += sum(m.in_features * m.out_features for m in model.modules() if is_quantized(m))
     return ParameterCount(trainable, total)
 
 

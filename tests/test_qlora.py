@@ -235,3 +235,17 @@ def test_offloaded_adamw_trains_a_lora_and_rejects_bad_arguments(tiny_llama, ids
     assert losses[-1] < losses[0]
     with pytest.raises(ValueError, match="lr > 0"):
         OffloadedAdamW(model.parameters(), lr=0)
+
+
+def test_parameter_count_includes_the_4bit_weights():
+    """A quantized model has as many parameters as the fp32 one; only the trainable share changes."""
+    from pefttutor import LoRALinear, inject, trainable_parameters, zoo
+    from pefttutor.quant import quantize_model
+    model, _ = zoo.load_classifier("zoo-decoder")
+    before = trainable_parameters(model).total
+    quantize_model(model)
+    inject(model, LoRALinear, "all-linear", r=8, alpha=16, modules_to_save=["score"])
+    count = trainable_parameters(model)
+    lora = sum(p.numel() for n, p in model.named_parameters() if n.endswith((".A", ".B")))
+    assert count.total == before + lora
+    assert count.trainable == lora + model.score.weight.numel()

@@ -1,0 +1,408 @@
+"""The bench: every method by name, one harness, one results store, one command line.
+
+Defined in the chapter "Full fine-tuning" (book/full_finetuning.ipynb).
+
+* :data:`METHODS` is the registry: a name (``"lora"``) maps to how the method is applied to a
+  model, its default hyperparameters and the learning rates its sweep tries. A chapter that adds a
+  method adds one entry with :func:`register`.
+* :func:`run` fine-tunes one method with its hyperparameters on one task and seed and returns one
+  result record: validation and test scores, trainable parameters, training time per step,
+  training memory, the loss history, and the command and package version that made it.
+* :func:`sweep` runs a method's learning rates on seed 0, picks the best on *validation*, then
+  runs the other seeds at that rate. Records go to a JSON-lines store (:func:`load`,
+  :func:`append`); runs already in the store are skipped, so an interrupted sweep resumes.
+* :func:`table` turns the records into mean and spread over seeds per method and task;
+  :func:`format_table` prints it and :func:`pefttutor.plot.comparison` draws it.
+
+Command line: ``python -m pefttutor.bench run`` fills the store (with a progress bar),
+``python -m pefttutor.bench table`` prints the table, ``--help`` says more.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import pathlib
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import checks, data, zoo
+from .fedpara import FedParaLinear
+from .inject import inject, trainable_parameters
+from .krona import KronALinear
+from .lora import LoRALinear
+from .memory import measure, storage_bytes
+from .train import accuracy, generation_scores, train
+
+STORE = pathlib.Path(__file__).parent / "results" / "bench.jsonl"
+SEEDS = (0, 1, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry
+
+@dataclass
+class Method:
+    """How a method is applied to a freshly loaded model, its defaults and its learning rates."""
+    name: str
+    apply: object          # apply(model, task_kind, **hparams) -> None, changes the model in place
+    defaults: dict
+    lrs: tuple
+    about: str = ""
+    family: str = "reparameterisation"
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, lrs, about: str = "", family: str = "reparameterisation", **defaults):
+    """Decorator: add ``apply(model, kind, **hparams)`` to :data:`METHODS` under ``name``."""
+    def add(apply):
+        METHODS[name] = Method(name, apply, defaults, tuple(lrs), about, family)
+        return apply
+    return add
+
+
+# The query and value projections (LoRA's placement) in each architecture the book uses.
+QUERY_VALUE = {"llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
+               "qwen2": ["q_proj", "v_proj"], "bert": ["query", "value"],
+               "roberta": ["query", "value"], "gpt2": ["c_attn"]}
+
+
+def resolve_targets(model, targets):
+    """``"query-value"`` becomes the architecture's names for W_q and W_v; others pass through."""
+    if targets != "query-value":
+        return targets
+    kind = model.config.model_type
+    if kind not in QUERY_VALUE:
+        raise ValueError(f"targets='query-value' does not know the {kind!r} architecture: pass the "
+                         f"module names, e.g. targets=['q_proj', 'v_proj'] (see pefttutor.linear_names)")
+    return QUERY_VALUE[kind]
+
+
+def task_heads(model, kind: str) -> list[str]:
+    """What trains in full beside any adapter: a classifier's head (and BERT's pooler); for a
+    generation task nothing (the language-model head is the frozen, tied embedding)."""
+    return [] if kind == "generation" else zoo.head_names(model)
+
+
+@register("head", lrs=(1e-3, 3e-3, 1e-2), family="baseline",
+          about="the pretrained body frozen; only the task head trains (nothing for generation)")
+def _head(model, kind):
+    model.requires_grad_(False)
+    heads = task_heads(model, kind)
+    for name, p in model.named_parameters():
+        p.requires_grad = any(h in name.split(".") for h in heads)
+
+
+@register("full", lrs=(1e-4, 3e-4, 1e-3), family="baseline", about="every weight trains")
+def _full(model, kind):
+    model.requires_grad_(True)
+
+
+def adapter(layer_cls):
+    """``apply`` for any layer class that ``inject`` takes: targets (``"query-value"`` by default)
+    wrapped with ``layer_cls(module, **hparams)``, the task head trained in full."""
+    def apply(model, kind, targets="query-value", **hparams):
+        inject(model, layer_cls, resolve_targets(model, targets),
+               modules_to_save=task_heads(model, kind), **hparams)
+    return apply
+
+
+register("lora", lrs=(1e-3, 3e-3, 1e-2), r=8, alpha=16, targets="query-value",
+         about="LoRA on W_q, W_v (the paper's placement), alpha / r = 2")(adapter(LoRALinear))
+register("krona", lrs=(3e-3, 1e-2, 3e-2), a_shape=None, scale=4.0, targets="query-value",
+         about="KronA on W_q, W_v, factors near the square root of each dimension"
+         )(adapter(KronALinear))
+register("fedpara", lrs=(1e-3, 3e-3, 1e-2), r=4, alpha=8, targets="query-value",
+         about="FedPara (Hadamard of two rank-4 products) on W_q, W_v")(adapter(FedParaLinear))
+
+
+@register("qlora", lrs=(1e-3, 3e-3, 1e-2), r=8, alpha=16, targets="all-linear", blocksize=64,
+          double_quant=True, about="NF4 base with double quantization, LoRA on every linear layer")
+def _qlora(model, kind, targets="all-linear", blocksize=64, double_quant=True, **hparams):
+    from .quant import quantize_model
+    quantize_model(model, blocksize=blocksize, double_quant=double_quant)
+    adapter(LoRALinear)(model, kind, targets=targets, **hparams)
+
+
+def method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}: the registry has {sorted(METHODS)}; "
+                         f"add one with pefttutor.bench.register")
+    return METHODS[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# The harness
+
+@dataclass
+class Budget:
+    """Training steps, batch size and evaluation sizes for one kind of task."""
+    steps: int
+    batch_size: int
+    eval_n: dict = field(default_factory=dict)    # generation: examples scored per split
+
+
+BUDGETS = {"classification": Budget(150, 32), "pair": Budget(150, 32),
+           "generation": Budget(150, 16, {"validation": 100, "test": 200})}
+
+
+def _load_model(model_name: str, info: data.Task):
+    if info.kind == "generation":
+        return zoo.load_decoder(model_name)
+    return zoo.load_classifier(model_name, num_labels=info.num_labels)
+
+
+def _scores(model, tok, dd, info: data.Task, budget: Budget) -> dict:
+    if info.kind == "generation":
+        return {s: generation_scores(model, tok, dd[s], n=budget.eval_n.get(s))["slot_acc"]
+                for s in ("validation", "test")}
+    return {s: accuracy(model, data.encode_classification(dd[s], tok), tok.pad_token_id)
+            for s in ("validation", "test")}
+
+
+def _encode(dd, tok, info):
+    if info.kind == "generation":
+        return data.encode_generation(dd["train"], tok)
+    return data.encode_classification(dd["train"], tok)
+
+
+def _memory_bytes(model, examples, pad_id, batch_size) -> int:
+    """Training memory of one step (weights, gradients, AdamW state, saved activations), counted
+    by walking tensors (:func:`pefttutor.memory.measure`): the same on every device and CPU."""
+    clone = copy.deepcopy(model)
+    params = [p for p in clone.parameters() if p.requires_grad]
+    if not params:                     # nothing trains: the weights are all there is
+        return storage_bytes([*clone.parameters(), *clone.buffers()])
+    opt = torch.optim.AdamW(params, lr=0.0)
+    batch = data.collate(examples[:batch_size], pad_id)
+    return measure(clone.train(), batch, opt).total
+
+
+def run(method_name: str, task: str, seed: int = 0, lr: float | None = None, **kw) -> dict:
+    """Fine-tune ``method_name`` on ``task`` from a fresh copy of the model; return the record.
+    The arguments are those of :func:`fit`."""
+    return fit(method_name, task, seed, lr, **kw)[0]
+
+
+def fit(method_name: str, task: str, seed: int = 0, lr: float | None = None, *,
+        model: str = "zoo-decoder", steps: int | None = None, batch_size: int | None = None,
+        sizes: dict | None = None, progress: bool | None = None, **hparams):
+    """Fine-tune ``method_name`` on ``task`` from a fresh copy of ``model``; return the result
+    record and the trained model.
+
+    ``lr`` defaults to the middle of the method's sweep; ``hparams`` override the registry's
+    defaults; ``steps`` and ``batch_size`` default to the task kind's :data:`BUDGETS`. The seed sets
+    the new weights' initialisation and the order of the batches (the data are the same for
+    every seed)."""
+    m = method(method_name)
+    info = data.task_info(task)
+    checks.integer("seed", seed, low=0, who="bench.run ")
+    unknown = sorted(set(hparams) - set(m.defaults))
+    if unknown:
+        raise TypeError(f"bench.run: method {method_name!r} has no hyperparameter {unknown[0]!r}; "
+                        f"its hyperparameters are {sorted(m.defaults) or 'none'}")
+    hp = {**m.defaults, **hparams}
+    lr = m.lrs[len(m.lrs) // 2] if lr is None else checks.positive("lr", lr, who="bench.run ")
+    budget = BUDGETS[info.kind]
+    steps = budget.steps if steps is None else checks.integer("steps", steps, low=1, who="bench.run ")
+    batch_size = budget.batch_size if batch_size is None else batch_size
+    dd = data.load_task(task, sizes=sizes)
+
+    torch.manual_seed(seed)
+    net, tok = _load_model(model, info)
+    m.apply(net, info.kind, **hp)
+    examples = _encode(dd, tok, info)
+    count = trainable_parameters(net)
+    memory = _memory_bytes(net, examples, tok.pad_token_id, batch_size)
+    if count.trainable:
+        history = train(net, examples, pad_id=tok.pad_token_id, steps=steps, batch_size=batch_size,
+                        lr=lr, seed=seed, progress=progress, desc=f"{method_name} {task} seed {seed}")
+    else:              # nothing to train (the frozen baseline of a generation task): evaluate as is
+        history = {"seconds": 0.0, "loss": []}
+    scores = _scores(net, tok, dd, info, budget)
+    every = max(1, steps // 50)
+    record = {"model": model, "method": method_name, "task": task, "seed": seed, "lr": lr,
+            "hparams": hp, "steps": steps, "batch_size": batch_size, "sizes": sizes,
+            "metric": "slot accuracy" if info.kind == "generation" else "accuracy",
+            "validation": scores["validation"], "test": scores["test"],
+            "trainable": count.trainable, "total": count.total,
+            "seconds": history["seconds"], "step_ms": 1e3 * history["seconds"] / steps,
+            "memory_mb": memory / 2**20,
+            "loss": [round(v, 5) for v in history["loss"][::every]], "loss_every": every,
+            "command": (f"pefttutor.bench.run({method_name!r}, {task!r}, seed={seed}, lr={lr!r}, "
+                        f"model={model!r}, steps={steps}, batch_size={batch_size}"
+                        + "".join(f", {k}={v!r}" for k, v in hparams.items()) + ")"),
+            "version": _version(), "torch": torch.__version__, "machine": _machine()}
+    return record, net
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+def _machine() -> str:
+    return f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
+
+
+# ---------------------------------------------------------------------------------------------
+# The store
+
+def load(path=None) -> list[dict]:
+    """Every record in the store (the one shipped with the package by default)."""
+    path = pathlib.Path(path or STORE)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def append(record: dict, path=None) -> None:
+    path = pathlib.Path(path or STORE)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def _config(records, model, name, task, hparams=None):
+    """The records of one configuration: model, method, task and hyperparameters (defaults unless
+    ``hparams`` overrides some), the task's default budget and sizes, any seed and learning rate."""
+    hp = json.dumps({**method(name).defaults, **(hparams or {})}, sort_keys=True)
+    budget = BUDGETS[data.task_info(task).kind]
+    return [r for r in records if (r["model"], r["method"], r["task"]) == (model, name, task)
+            and json.dumps(r["hparams"], sort_keys=True) == hp and r["sizes"] is None
+            and (r["steps"], r["batch_size"]) == (budget.steps, budget.batch_size)]
+
+
+def best_lr(records: list[dict], method_name: str, task: str, model: str = "zoo-decoder",
+            hparams: dict | None = None):
+    """The learning rate with the best seed-0 *validation* score (ties: the smaller rate)."""
+    first = [r for r in _config(records, model, method_name, task, hparams) if r["seed"] == 0]
+    if not first:
+        return None
+    return max(first, key=lambda r: (r["validation"], -r["lr"]))["lr"]
+
+
+def sweep(methods, tasks, seeds=SEEDS, *, model: str = "zoo-decoder", hparams: dict | None = None,
+          path=None, progress: bool = True, log=print) -> list[dict]:
+    """Fill the store: every method's learning rates on the first seed, then the other seeds at the
+    rate that won on validation. ``hparams`` overrides defaults ({"lora": {"r": 4}}). Runs already
+    in the store are skipped, so an interrupted sweep resumes where it stopped."""
+    from tqdm.auto import tqdm
+    hparams = hparams or {}
+    todo = [(name, task, seeds[0], lr) for task in tasks for name in methods for lr in method(name).lrs]
+    todo += [(name, task, s, None) for task in tasks for name in methods for s in seeds[1:]]
+    bar = tqdm(todo, desc="bench", disable=not progress)
+    for name, task, seed, lr in bar:
+        done = _config(load(path), model, name, task, hparams.get(name))
+        lr = best_lr(done, name, task, model, hparams.get(name)) if lr is None else lr
+        bar.set_postfix_str(f"{name} {task} seed {seed} lr {lr:g}")
+        if any((r["seed"], r["lr"]) == (seed, lr) for r in done):
+            continue
+        record = run(name, task, seed, lr, model=model, progress=False, **hparams.get(name, {}))
+        append(record, path)
+        log(f"{name:8s} {task:11s} seed {seed} lr {lr:<6g} val {record['validation']:.3f} "
+            f"test {record['test']:.3f} ({record['seconds']:.0f} s)")
+    return load(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+
+def table(records: list[dict], methods=None, tasks=None, model: str = "zoo-decoder",
+          hparams: dict | None = None) -> dict:
+    """(method, task) -> mean and standard deviation of the test score over seeds at the learning
+    rate chosen on validation, with the trainable parameters, step time and memory. ``hparams``
+    picks a configuration other than the defaults ({"lora": {"r": 4}})."""
+    hparams = hparams or {}
+    methods = methods or list(dict.fromkeys(r["method"] for r in records))
+    if not records:
+        raise ValueError("bench.table: no records; fill the store with python -m pefttutor.bench run")
+    tasks = tasks or list(dict.fromkeys(r["task"] for r in records))
+    out = {}
+    for name in methods:
+        for task in tasks:
+            rows = _config(records, model, name, task, hparams.get(name))
+            lr = best_lr(rows, name, task, model, hparams.get(name))
+            rows = [r for r in rows if r["lr"] == lr]
+            if not rows:
+                continue
+            tests = [r["test"] for r in rows]
+            out[(name, task)] = {
+                "mean": statistics.fmean(tests), "std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
+                "seeds": len(tests), "lr": lr, "trainable": rows[0]["trainable"],
+                "total": rows[0]["total"], "step_ms": statistics.median(r["step_ms"] for r in rows),
+                "memory_mb": rows[0]["memory_mb"], "metric": rows[0]["metric"]}
+    return out
+
+
+def format_table(tab: dict, digits: int = 3) -> str:
+    """The table as Markdown: one row per method, one column per task (mean ± std), then the
+    trainable parameters, step time and training memory of the first task."""
+    methods = list(dict.fromkeys(m for m, _ in tab))
+    tasks = list(dict.fromkeys(t for _, t in tab))
+    head = "| method | " + " | ".join(tasks) + " | trainable | step (ms) | memory (MB) |"
+    lines = [head, "|" + " --- |" * (len(tasks) + 4)]
+    for name in methods:
+        cells = []
+        for task in tasks:
+            c = tab.get((name, task))
+            cells.append("" if c is None else f"{c['mean']:.{digits}f} ± {c['std']:.{digits}f}")
+        first = next(tab[(name, t)] for t in tasks if (name, t) in tab)
+        lines.append(f"| {name} | " + " | ".join(cells) +
+                     f" | {first['trainable']:,} | {first['step_ms']:.0f} | {first['memory_mb']:.1f} |")
+    return "\n".join(lines)
+
+
+def separated(tab: dict, a: str, b: str, task: str, k: float = 2.0) -> bool:
+    """Do methods ``a`` and ``b`` differ on ``task`` by more than ``k`` seed standard deviations
+    (the larger of the two)?"""
+    x, y = tab[(a, task)], tab[(b, task)]
+    return abs(x["mean"] - y["mean"]) > k * max(x["std"], y["std"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m pefttutor.bench",
+        description="Fine-tune methods on the task suite, store one record per run, print the table.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "table", "plot"):
+        p = sub.add_parser(name)
+        p.add_argument("--methods", nargs="+", default=["head", "full", "lora", "krona", "fedpara", "qlora"],
+                       choices=sorted(METHODS), metavar="METHOD")
+        p.add_argument("--tasks", nargs="+", default=list(data.SUITE), choices=sorted(data.TASKS),
+                       metavar="TASK")
+        p.add_argument("--model", default="zoo-decoder")
+        p.add_argument("--store", default=str(STORE), help="the JSON-lines results file")
+        p.add_argument("--hparams", type=json.loads, default={},
+                       help='JSON overriding the methods\' defaults, e.g. \'{"r": 4}\'')
+        if name == "run":
+            p.add_argument("--seeds", type=int, default=len(SEEDS), help="how many seeds (from 0)")
+        if name == "plot":
+            p.add_argument("--out", default="bench.png")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        start = time.perf_counter()
+        sweep(args.methods, args.tasks, tuple(range(args.seeds)), model=args.model, path=args.store,
+              hparams={m: args.hparams for m in args.methods})
+        print(f"bench: {(time.perf_counter() - start) / 60:.1f} min")
+    tab = table(load(args.store), args.methods, args.tasks, args.model,
+                {m: args.hparams for m in args.methods})
+    if args.command == "plot":
+        from .plot import comparison
+        comparison(tab).savefig(args.out, dpi=150, bbox_inches="tight")
+        print(f"saved {args.out}")
+    else:
+        print(format_table(tab))
+
+
+if __name__ == "__main__":
+    main()

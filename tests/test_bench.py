@@ -1,0 +1,136 @@
+"""The bench: registry, harness, store, table, command line, and one stored record reproduced."""
+import json
+import math
+
+import pytest
+
+from pefttutor import bench, data, zoo
+from pefttutor.plot import comparison
+
+TINY = {"train": 64, "validation": 32, "test": 32}
+
+
+def test_registry_has_every_method_of_the_table():
+    for name in ("head", "full", "lora", "krona", "fedpara", "qlora"):
+        m = bench.method(name)
+        assert len(m.lrs) == 3 and callable(m.apply)
+    with pytest.raises(ValueError, match=r"unknown method 'lorra': the registry has \[.*'lora'.*register"):
+        bench.method("lorra")
+
+
+@pytest.mark.parametrize("name", ["head", "full", "lora", "krona", "fedpara", "qlora"])
+def test_run_returns_one_record(name):
+    record = bench.run(name, "nli", seed=1, lr=1e-3, steps=2, batch_size=8, sizes=TINY, progress=False)
+    assert (record["method"], record["task"], record["seed"], record["lr"]) == (name, "nli", 1, 1e-3)
+    assert 0 <= record["validation"] <= 1 and 0 <= record["test"] <= 1
+    assert record["hparams"] == bench.METHODS[name].defaults and record["metric"] == "accuracy"
+    assert 0 < record["trainable"] <= record["total"] and record["memory_mb"] > 0
+    assert len(record["loss"]) == 2 and record["version"] and "bench.run('" in record["command"]
+    model, _ = zoo.load_classifier("zoo-decoder", num_labels=3)
+    head = 128 * 3                                   # LlamaForSequenceClassification.score, no bias
+    per_layer = {"head": 0, "lora": 2 * 2 * 8 * 128, "fedpara": 2 * 2 * 2 * 4 * 128,
+                 "krona": 2 * (8 * 8 + 16 * 16)}
+    if name in per_layer:
+        assert record["trainable"] == head + 3 * per_layer[name]
+    if name == "full":
+        assert record["trainable"] == sum(p.numel() for p in model.parameters())
+
+
+def test_run_generation_and_the_frozen_baseline():
+    record = bench.run("head", "restaurants", steps=2, sizes={"train": 16, "validation": 4, "test": 4},
+                       progress=False)
+    assert record["trainable"] == 0 and record["loss"] == [] and record["metric"] == "slot accuracy"
+    record = bench.run("lora", "restaurants", steps=2, sizes={"train": 16, "validation": 4, "test": 4},
+                       progress=False)
+    assert record["trainable"] == 3 * 2 * 2 * 8 * 128        # LoRA only: the LM head stays tied, frozen
+
+
+def test_run_refuses_unknown_hyperparameters_and_bad_values():
+    with pytest.raises(TypeError, match="method 'lora' has no hyperparameter 'rank'.*'alpha', 'r', 'targets'"):
+        bench.run("lora", "nli", rank=4)
+    with pytest.raises(ValueError, match="lr"):
+        bench.run("lora", "nli", lr=-1.0)
+    with pytest.raises(ValueError, match="unknown task"):
+        bench.run("lora", "glue")
+
+
+def _fake_run(calls):
+    def run(name, task, seed=0, lr=None, **kw):
+        calls.append((name, task, seed, lr))
+        m = bench.method(name)
+        budget = bench.BUDGETS[data.task_info(task).kind]
+        val = 0.9 - abs(math.log10(lr) + 2.5) / 10           # best at lr = 3e-3
+        return {"model": kw.get("model", "zoo-decoder"), "method": name, "task": task, "seed": seed,
+                "lr": lr, "hparams": {**m.defaults, **{k: v for k, v in kw.items() if k in m.defaults}},
+                "steps": budget.steps, "batch_size": budget.batch_size, "sizes": None,
+                "metric": "accuracy", "validation": val, "test": val - 0.01 * seed,
+                "trainable": 10, "total": 100, "step_ms": 5.0, "memory_mb": 1.0, "seconds": 1.0}
+    return run
+
+
+def test_sweep_picks_the_rate_on_validation_and_resumes(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "run", _fake_run(calls))
+    store = tmp_path / "bench.jsonl"
+    bench.sweep(["lora", "head"], ["nli"], seeds=(0, 1, 2), path=store, progress=False, log=lambda *_: None)
+    assert len(calls) == 2 * (3 + 2)
+    assert [c for c in calls if c[0] == "lora" and c[2] > 0] == [("lora", "nli", 1, 3e-3), ("lora", "nli", 2, 3e-3)]
+    calls.clear()
+    bench.sweep(["lora", "head"], ["nli"], seeds=(0, 1, 2), path=store, progress=False, log=lambda *_: None)
+    assert calls == []                                         # everything is in the store
+    bench.sweep(["lora"], ["nli"], seeds=(0, 1), hparams={"lora": {"r": 2}}, path=store,
+                progress=False, log=lambda *_: None)
+    assert len(calls) == 4                                     # another configuration is another sweep
+    tab = bench.table(bench.load(store), ["lora", "head"], ["nli"])
+    cell = tab[("lora", "nli")]
+    assert cell["lr"] == 3e-3 and cell["seeds"] == 3
+    best = 0.9 - abs(math.log10(3e-3) + 2.5) / 10                   # the fake's validation at 3e-3
+    assert cell["mean"] == pytest.approx(best - 0.01) and cell["std"] == pytest.approx(0.01)
+    assert bench.table(bench.load(store), ["lora"], ["nli"], hparams={"lora": {"r": 2}})[("lora", "nli")]["seeds"] == 2
+    text = bench.format_table(tab)
+    assert f"| lora | {best - 0.01:.3f} ± 0.010 | 10 | 5 | 1.0 |" in text
+    assert comparison(tab).axes[0].get_ylabel().startswith("test score")
+
+
+def test_best_lr_uses_validation_not_test():
+    rows = [{"model": "zoo-decoder", "method": "lora", "task": "nli", "seed": 0, "lr": lr,
+             "hparams": bench.METHODS["lora"].defaults, "sizes": None, "steps": 150, "batch_size": 32,
+             "validation": v, "test": t} for lr, v, t in [(1e-3, 0.5, 0.9), (1e-2, 0.6, 0.1)]]
+    assert bench.best_lr(rows, "lora", "nli") == 1e-2
+
+
+def test_command_line_prints_the_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "run", _fake_run([]))
+    store = str(tmp_path / "s.jsonl")
+    bench.main(["run", "--methods", "lora", "--tasks", "nli", "--seeds", "2", "--store", store])
+    out = capsys.readouterr().out
+    assert "| method | nli |" in out and "| lora |" in out
+    bench.main(["plot", "--methods", "lora", "--tasks", "nli", "--store", store,
+                "--out", str(tmp_path / "b.png")])
+    assert (tmp_path / "b.png").stat().st_size > 1000
+    with pytest.raises(SystemExit):
+        bench.main(["run", "--methods", "lorra"])
+
+
+def test_the_store_holds_the_shared_table():
+    records = bench.load()
+    tab = bench.table(records, ["head", "full", "lora", "krona", "fedpara", "qlora"], data.SUITE)
+    assert len(tab) == 6 * len(data.SUITE)
+    assert all(c["seeds"] == 3 for c in tab.values())
+    assert all(json.loads(json.dumps(r)) == r for r in records[:3])
+
+
+def test_a_stored_record_reproduces():
+    """Re-run LoRA on the sentiment task, seed 1, at the rate the sweep chose. On the machine that
+    wrote the store the result is bit-identical; another CPU rounds sums in another order, so the
+    test allows the last digits of the loss and two test examples in 500 to differ."""
+    records = bench.load()
+    lr = bench.best_lr(records, "lora", "sentiment")
+    stored = next(r for r in records if (r["method"], r["task"], r["seed"], r["lr"]) == ("lora", "sentiment", 1, lr)
+                  and r["model"] == "zoo-decoder" and r["hparams"] == bench.METHODS["lora"].defaults)
+    again = bench.run("lora", "sentiment", seed=1, lr=lr, progress=False)
+    for k in ("hparams", "steps", "batch_size", "trainable", "total", "memory_mb", "loss_every"):
+        assert again[k] == stored[k], k
+    assert again["loss"][0] == pytest.approx(stored["loss"][0], abs=1e-4)
+    assert again["test"] == pytest.approx(stored["test"], abs=2 / 500)
+    assert again["validation"] == pytest.approx(stored["validation"], abs=2 / 300)
