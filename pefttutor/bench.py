@@ -90,7 +90,7 @@ def task_heads(model, kind: str) -> list[str]:
     return [] if kind == "generation" else zoo.head_names(model)
 
 
-@register("head", lrs=(1e-3, 3e-3, 1e-2), family="baseline",
+@register("head", lrs=(1e-3, 3e-3, 1e-2, 3e-2), family="baseline",
           about="the pretrained body frozen; only the task head trains (nothing for generation)")
 def _head(model, kind):
     model.requires_grad_(False)
@@ -99,7 +99,7 @@ def _head(model, kind):
         p.requires_grad = any(h in name.split(".") for h in heads)
 
 
-@register("full", lrs=(1e-4, 3e-4, 1e-3), family="baseline", about="every weight trains")
+@register("full", lrs=(1e-4, 3e-4, 1e-3, 3e-3), family="baseline", about="every weight trains")
 def _full(model, kind):
     model.requires_grad_(True)
 
@@ -113,16 +113,16 @@ def adapter(layer_cls):
     return apply
 
 
-register("lora", lrs=(1e-3, 3e-3, 1e-2), r=8, alpha=16, targets="query-value",
+register("lora", lrs=(1e-3, 3e-3, 1e-2, 3e-2), r=8, alpha=16, targets="query-value",
          about="LoRA on W_q, W_v (the paper's placement), alpha / r = 2")(adapter(LoRALinear))
-register("krona", lrs=(3e-3, 1e-2, 3e-2), a_shape=None, scale=4.0, targets="query-value",
+register("krona", lrs=(3e-3, 1e-2, 3e-2, 1e-1), a_shape=None, scale=4.0, targets="query-value",
          about="KronA on W_q, W_v, factors near the square root of each dimension"
          )(adapter(KronALinear))
-register("fedpara", lrs=(1e-3, 3e-3, 1e-2), r=4, alpha=8, targets="query-value",
+register("fedpara", lrs=(1e-3, 3e-3, 1e-2, 3e-2), r=4, alpha=8, targets="query-value",
          about="FedPara (Hadamard of two rank-4 products) on W_q, W_v")(adapter(FedParaLinear))
 
 
-@register("qlora", lrs=(1e-3, 3e-3, 1e-2), r=8, alpha=16, targets="all-linear", blocksize=64,
+@register("qlora", lrs=(1e-3, 3e-3, 1e-2, 3e-2), r=8, alpha=16, targets="all-linear", blocksize=64,
           double_quant=True, about="NF4 base with double quantization, LoRA on every linear layer")
 def _qlora(model, kind, targets="all-linear", blocksize=64, double_quant=True, **hparams):
     from .quant import quantize_model
@@ -211,7 +211,11 @@ def fit(method_name: str, task: str, seed: int = 0, lr: float | None = None, *,
     lr = m.lrs[len(m.lrs) // 2] if lr is None else checks.positive("lr", lr, who="bench.run ")
     budget = BUDGETS[info.kind]
     steps = budget.steps if steps is None else checks.integer("steps", steps, low=1, who="bench.run ")
-    batch_size = budget.batch_size if batch_size is None else batch_size
+    batch_size = (budget.batch_size if batch_size is None
+                  else checks.integer("batch_size", batch_size, low=1, who="bench.run "))
+    if info.kind == "generation" and model in ("zoo-encoder",):
+        raise ValueError(f"bench.run: task {task!r} generates text and {model!r} is an encoder; use a "
+                         f"decoder (zoo-decoder) or leave {task!r} out (--tasks ...)")
     dd = data.load_task(task, sizes=sizes)
 
     torch.manual_seed(seed)
@@ -237,6 +241,7 @@ def fit(method_name: str, task: str, seed: int = 0, lr: float | None = None, *,
             "loss": [round(v, 5) for v in history["loss"][::every]], "loss_every": every,
             "command": (f"pefttutor.bench.run({method_name!r}, {task!r}, seed={seed}, lr={lr!r}, "
                         f"model={model!r}, steps={steps}, batch_size={batch_size}"
+                        + (f", sizes={sizes!r}" if sizes else "")
                         + "".join(f", {k}={v!r}" for k, v in hparams.items()) + ")"),
             "version": _version(), "torch": torch.__version__, "machine": _machine()}
     return record, net
@@ -259,7 +264,15 @@ def load(path=None) -> list[dict]:
     path = pathlib.Path(path or STORE)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {number}: not a JSON record ({err.msg}); a run "
+                                 f"interrupted while writing leaves such a line: delete it") from None
+    return records
 
 
 def append(record: dict, path=None) -> None:
@@ -280,9 +293,10 @@ def _config(records, model, name, task, hparams=None):
 
 
 def best_lr(records: list[dict], method_name: str, task: str, model: str = "zoo-decoder",
-            hparams: dict | None = None):
-    """The learning rate with the best seed-0 *validation* score (ties: the smaller rate)."""
-    first = [r for r in _config(records, model, method_name, task, hparams) if r["seed"] == 0]
+            hparams: dict | None = None, seed: int = SEEDS[0]):
+    """The learning rate with the best *validation* score on the sweep's seed (ties: the smaller
+    rate); None when the store has no such sweep."""
+    first = [r for r in _config(records, model, method_name, task, hparams) if r["seed"] == seed]
     if not first:
         return None
     return max(first, key=lambda r: (r["validation"], -r["lr"]))["lr"]
@@ -295,12 +309,14 @@ def sweep(methods, tasks, seeds=SEEDS, *, model: str = "zoo-decoder", hparams: d
     in the store are skipped, so an interrupted sweep resumes where it stopped."""
     from tqdm.auto import tqdm
     hparams = hparams or {}
+    if not seeds:
+        raise ValueError("bench.sweep: seeds is empty; give at least one seed, e.g. seeds=(0, 1, 2)")
     todo = [(name, task, seeds[0], lr) for task in tasks for name in methods for lr in method(name).lrs]
     todo += [(name, task, s, None) for task in tasks for name in methods for s in seeds[1:]]
     bar = tqdm(todo, desc="bench", disable=not progress)
     for name, task, seed, lr in bar:
         done = _config(load(path), model, name, task, hparams.get(name))
-        lr = best_lr(done, name, task, model, hparams.get(name)) if lr is None else lr
+        lr = best_lr(done, name, task, model, hparams.get(name), seeds[0]) if lr is None else lr
         bar.set_postfix_str(f"{name} {task} seed {seed} lr {lr:g}")
         if any((r["seed"], r["lr"]) == (seed, lr) for r in done):
             continue
@@ -329,7 +345,7 @@ def table(records: list[dict], methods=None, tasks=None, model: str = "zoo-decod
         for task in tasks:
             rows = _config(records, model, name, task, hparams.get(name))
             lr = best_lr(rows, name, task, model, hparams.get(name))
-            rows = [r for r in rows if r["lr"] == lr]
+            rows = list({r["seed"]: r for r in rows if r["lr"] == lr}.values())   # one per seed
             if not rows:
                 continue
             tests = [r["test"] for r in rows]
@@ -344,6 +360,9 @@ def table(records: list[dict], methods=None, tasks=None, model: str = "zoo-decod
 def format_table(tab: dict, digits: int = 3) -> str:
     """The table as Markdown: one row per method, one column per task (mean ± std), then the
     trainable parameters, step time and training memory of the first task."""
+    if not tab:
+        raise ValueError("bench.format_table: the table is empty; no records match this model, "
+                         "these methods, tasks and hyperparameters (python -m pefttutor.bench run ...)")
     methods = list(dict.fromkeys(m for m, _ in tab))
     tasks = list(dict.fromkeys(t for _, t in tab))
     head = "| method | " + " | ".join(tasks) + " | trainable | step (ms) | memory (MB) |"
@@ -363,11 +382,33 @@ def separated(tab: dict, a: str, b: str, task: str, k: float = 2.0) -> bool:
     """Do methods ``a`` and ``b`` differ on ``task`` by more than ``k`` seed standard deviations
     (the larger of the two)?"""
     x, y = tab[(a, task)], tab[(b, task)]
+    if min(x["seeds"], y["seeds"]) < 2:
+        raise ValueError(f"bench.separated: {a!r} or {b!r} on {task!r} has one seed; a spread needs "
+                         f"at least two (python -m pefttutor.bench run --seeds 3)")
     return abs(x["mean"] - y["mean"]) > k * max(x["std"], y["std"])
 
 
 # ---------------------------------------------------------------------------------------------
 # The command line
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"--hparams {text!r}: give a JSON object, e.g. '{{\"r\": 4}}'")
+    return value
+
+
+def _per_method(hparams: dict, methods, parser) -> dict:
+    """Each method gets the overrides it has; a name that no chosen method has is an error."""
+    for key in hparams:
+        if not any(key in METHODS[m].defaults for m in methods):
+            have = sorted({k for m in methods for k in METHODS[m].defaults})
+            parser.error(f"--hparams: none of {methods} has a hyperparameter {key!r}; they have {have}")
+    return {m: {k: v for k, v in hparams.items() if k in METHODS[m].defaults} for m in methods}
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
@@ -382,20 +423,26 @@ def main(argv=None):
                        metavar="TASK")
         p.add_argument("--model", default="zoo-decoder")
         p.add_argument("--store", default=str(STORE), help="the JSON-lines results file")
-        p.add_argument("--hparams", type=json.loads, default={},
+        p.add_argument("--hparams", type=_json_object, default={},
                        help='JSON overriding the methods\' defaults, e.g. \'{"r": 4}\'')
         if name == "run":
             p.add_argument("--seeds", type=int, default=len(SEEDS), help="how many seeds (from 0)")
         if name == "plot":
             p.add_argument("--out", default="bench.png")
     args = parser.parse_args(argv)
+    hparams = _per_method(args.hparams, args.methods, parser)
+    if args.command == "run" and args.seeds < 1:
+        parser.error("--seeds must be at least 1")
     if args.command == "run":
         start = time.perf_counter()
         sweep(args.methods, args.tasks, tuple(range(args.seeds)), model=args.model, path=args.store,
-              hparams={m: args.hparams for m in args.methods})
+              hparams=hparams)
         print(f"bench: {(time.perf_counter() - start) / 60:.1f} min")
-    tab = table(load(args.store), args.methods, args.tasks, args.model,
-                {m: args.hparams for m in args.methods})
+    tab = table(load(args.store), args.methods, args.tasks, args.model, hparams)
+    if not tab:
+        print("no records for this model, methods and tasks: fill the store with "
+              "python -m pefttutor.bench run (same options)")
+        return
     if args.command == "plot":
         from .plot import comparison
         comparison(tab).savefig(args.out, dpi=150, bbox_inches="tight")

@@ -7,9 +7,10 @@ towns, have jobs and pets, and restaurants with E2E-style attributes (name, type
 rating, area, family friendly, near). From it come
 
 * a pretraining corpus of short documents (facts, descriptions, reviews, stories), and
-* two downstream tasks, as `datasets.DatasetDict` with train / validation / test splits:
-  ``"reviews"`` (sentiment with negation and contrast, for the encoder) and ``"restaurants"``
-  (data-to-text from a meaning representation, for the decoder, after the E2E challenge).
+* the task suite (``SUITE``), as ``datasets.DatasetDict`` with train / validation / test splits
+  and a few-shot split: ``"sentiment"``, ``"nli"``, ``"jobs"``, ``"knowledge"`` (classification)
+  and ``"restaurants"`` (data-to-text, after the E2E challenge); plus ``"reviews"``, the first
+  chapters' one-sentence sentiment task. Each has a Hub counterpart with the same columns.
 
 Everything is a pure function of its seed, so two calls give identical data.
 """
@@ -385,10 +386,10 @@ def _nli(seed, sizes, world):
     return _split(lambda rng: make_nli(rng, world), sizes, seed)
 
 
-# Many labels: a person's job from what they work with. The clue sets are the 21 translates of
-# the perfect difference set {3, 6, 7, 12, 14} mod 21 (a projective plane of order 4): every clue
-# belongs to five jobs, so one clue never decides, and any two clues belong together to exactly
-# one job, so two or three clues always do. The task is to intersect.
+# Many labels: a person's job from what they work with. The clue sets are 20 of the 21 translates
+# of the perfect difference set {3, 6, 7, 12, 14} mod 21 (lines of a projective plane of order 4):
+# every clue belongs to four or five jobs, so one clue never decides, and two clues of one job
+# belong together to no other job, so two or three clues always do. The task is to intersect.
 CLUES = ("oven sieve knife needle thread boat net hammer brush easel ladder plough spade bucket "
          "chisel loom spindle cart rope lamp bandage").split()
 _DIFFERENCE_SET = (3, 6, 7, 12, 14)
@@ -457,7 +458,7 @@ TASKS = {
     "nli": Task(_nli, _CLS_SIZES, "pair", NLI_LABELS, "mnli",
                 "does the premise entail, contradict or say nothing about the hypothesis?"),
     "jobs": Task(_jobs, _CLS_SIZES, "classification", JOBS, "banking77",
-                 "which of 20 jobs? each clue fits three jobs; two or three clues are given"),
+                 "which of 20 jobs? one clue fits four or five jobs; two or three clues are given"),
     "knowledge": Task(_knowledge, _CLS_SIZES, "classification", JOBS, "boolq",
                       "what does this person do? only pretraining knows (people unseen in training)"),
     "restaurants": Task(_restaurants, {"train": 1500, "validation": 200, "test": 200}, "generation",
@@ -473,7 +474,7 @@ def _check_sizes(sizes, default: dict) -> dict:
         return {}
     if not isinstance(sizes, dict):
         raise TypeError(f"sizes={sizes!r} must be a dict such as {{'train': 1000}}")
-    unknown = sorted(set(sizes) - set(default) - {"few_shot"})
+    unknown = sorted(set(sizes) - set(default))
     if unknown:
         raise ValueError(f"sizes: no split named {unknown[0]!r}; the splits are {sorted(default)}")
     return {k: checks.integer(f"sizes[{k!r}]", v, low=1) for k, v in sizes.items()}
@@ -511,11 +512,9 @@ def load_task(name: str = "reviews", seed: int = 0, sizes: dict | None = None,
     """
     if name in TASKS:
         task = TASKS[name]
-        sizes = {**task.sizes, **_check_sizes(sizes, task.sizes)}
-        sizes.pop("few_shot", None)
-        dd = task.make(seed, sizes, make_world())
+        dd = task.make(seed, {**task.sizes, **_check_sizes(sizes, task.sizes)}, make_world())
     elif name in HUB_TASKS:
-        dd = from_hub(name, sizes)
+        dd = from_hub(name, sizes, seed)
     else:
         raise ValueError(f"unknown task {name!r}: use one of {sorted(TASKS)} (offline) "
                          f"or {sorted(HUB_TASKS)} (from the Hub)")
@@ -585,14 +584,24 @@ def standardize_hub(name: str, dd: DatasetDict, sizes: dict | None = None, seed:
     return DatasetDict({k: v.select(range(min(len(v), sizes.get(k, len(v))))) for k, v in dd.items()})
 
 
+_E2E_SLOTS = {"eattype": "eattype", "pricerange": "price", "customer rating": "rating",
+              "familyfriendly": "family"}
+
+
 def _e2e_mr(mr: str) -> str:
-    """'name[X], eatType[pub]' -> 'name[X] , eattype[pub]' to match the offline format."""
-    return " , ".join(p.strip().lower() for p in mr.split(","))
+    """'name[The Eagle], eatType[pub], priceRange[cheap]' -> 'name[The Eagle] , eattype[pub] ,
+    price[cheap]': the offline slot names, the values as written (the references keep their case)."""
+    parts = []
+    for part in mr.split("],"):
+        key, _, value = part.strip().rstrip("]").partition("[")
+        key = key.strip().lower()
+        parts.append(f"{_E2E_SLOTS.get(key, key)}[{value}]")
+    return " , ".join(parts)
 
 
-def from_hub(name: str, sizes: dict | None = None) -> DatasetDict:
+def from_hub(name: str, sizes: dict | None = None, seed: int = 0) -> DatasetDict:
     from datasets import load_dataset
-    return standardize_hub(name, load_dataset(*_HUB_SOURCES[name]), sizes)
+    return standardize_hub(name, load_dataset(*_HUB_SOURCES[name]), sizes, seed)
 
 
 def parse_mr(mr: str) -> dict:
@@ -658,7 +667,7 @@ def slot_score(mr: str, text: str) -> tuple[int, int]:
     without "not family friendly", "family[no]" needs "not family friendly".
     """
     slots = parse_mr(mr)
-    text = f" {text} "
+    text = " " + re.sub(r"([.,;!?])", r" \1 ", text) + " "   # "pub," reads as "pub ,"
     correct = 0
     for slot, value in slots.items():
         if slot in ("family", "familyfriendly") and value in ("yes", "no"):   # offline / E2E name

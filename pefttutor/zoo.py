@@ -7,8 +7,8 @@ Two real ``transformers`` architectures, pretrained by the recipe below on the g
 
 * ``"zoo-decoder"``: a ``LlamaForCausalLM`` (3 layers, hidden size 128), next-token prediction;
 * ``"zoo-encoder"``: a ``BertForMaskedLM`` (3 layers, hidden size 128), masked-language modelling
-  alone, as RoBERTa was pretrained (BERT's next-sentence prediction trained a pooler that saturated
-  and left the encoder unable to adapt; see the chapter);
+  without next-sentence prediction, as RoBERTa was pretrained, plus the masked words predicted a
+  second time from [CLS] (:class:`EncoderPretraining`; see the chapter for why);
 
 both with a byte-pair-encoding tokenizer trained with the ``tokenizers`` library. They are stored as
 safetensors under ``pefttutor/zoo_models`` and load with ``from_pretrained(path)`` like any Hub model.

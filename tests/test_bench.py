@@ -13,7 +13,7 @@ TINY = {"train": 64, "validation": 32, "test": 32}
 def test_registry_has_every_method_of_the_table():
     for name in ("head", "full", "lora", "krona", "fedpara", "qlora"):
         m = bench.method(name)
-        assert len(m.lrs) == 3 and callable(m.apply)
+        assert len(m.lrs) >= 3 and callable(m.apply)
     with pytest.raises(ValueError, match=r"unknown method 'lorra': the registry has \[.*'lora'.*register"):
         bench.method("lorra")
 
@@ -58,6 +58,9 @@ def _fake_run(calls):
     def run(name, task, seed=0, lr=None, **kw):
         calls.append((name, task, seed, lr))
         m = bench.method(name)
+        unknown = set(kw) - set(m.defaults) - {"model", "progress"}
+        if unknown:                                                  # as bench.fit does
+            raise TypeError(f"method {name!r} has no hyperparameter {unknown.pop()!r}")
         budget = bench.BUDGETS[data.task_info(task).kind]
         val = 0.9 - abs(math.log10(lr) + 2.5) / 10           # best at lr = 3e-3
         return {"model": kw.get("model", "zoo-decoder"), "method": name, "task": task, "seed": seed,
@@ -73,14 +76,14 @@ def test_sweep_picks_the_rate_on_validation_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "run", _fake_run(calls))
     store = tmp_path / "bench.jsonl"
     bench.sweep(["lora", "head"], ["nli"], seeds=(0, 1, 2), path=store, progress=False, log=lambda *_: None)
-    assert len(calls) == 2 * (3 + 2)
+    assert len(calls) == len(bench.METHODS['lora'].lrs) + len(bench.METHODS['head'].lrs) + 2 * 2
     assert [c for c in calls if c[0] == "lora" and c[2] > 0] == [("lora", "nli", 1, 3e-3), ("lora", "nli", 2, 3e-3)]
     calls.clear()
     bench.sweep(["lora", "head"], ["nli"], seeds=(0, 1, 2), path=store, progress=False, log=lambda *_: None)
     assert calls == []                                         # everything is in the store
     bench.sweep(["lora"], ["nli"], seeds=(0, 1), hparams={"lora": {"r": 2}}, path=store,
                 progress=False, log=lambda *_: None)
-    assert len(calls) == 4                                     # another configuration is another sweep
+    assert len(calls) == len(bench.METHODS['lora'].lrs) + 1   # another configuration is another sweep
     tab = bench.table(bench.load(store), ["lora", "head"], ["nli"])
     cell = tab[("lora", "nli")]
     assert cell["lr"] == 3e-3 and cell["seeds"] == 3
@@ -110,14 +113,30 @@ def test_command_line_prints_the_table(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "b.png").stat().st_size > 1000
     with pytest.raises(SystemExit):
         bench.main(["run", "--methods", "lorra"])
+    bench.main(["run", "--methods", "lora", "head", "--tasks", "nli", "--seeds", "1", "--store", store,
+                "--hparams", '{"r": 2}'])                          # r goes to lora only
+    assert {json.dumps(r["hparams"], sort_keys=True) for r in bench.load(store) if r["method"] == "head"} == {"{}"}
+    for bad in ('{"rank": 2}', "4", "{r: 2}"):
+        with pytest.raises(SystemExit):
+            bench.main(["run", "--methods", "lora", "--store", store, "--hparams", bad])
+    with pytest.raises(SystemExit):
+        bench.main(["run", "--methods", "lora", "--store", store, "--seeds", "0"])
 
 
 def test_the_store_holds_the_shared_table():
     records = bench.load()
-    tab = bench.table(records, ["head", "full", "lora", "krona", "fedpara", "qlora"], data.SUITE)
-    assert len(tab) == 6 * len(data.SUITE)
-    assert all(c["seeds"] == 3 for c in tab.values())
-    assert all(json.loads(json.dumps(r)) == r for r in records[:3])
+    methods = ["head", "full", "lora", "krona", "fedpara", "qlora"]
+    tab = bench.table(records, methods, data.SUITE)
+    assert len(tab) == 6 * len(data.SUITE) and all(c["seeds"] == 3 for c in tab.values())
+    keys = [(r["model"], r["method"], r["task"], r["seed"], r["lr"], json.dumps(r["hparams"], sort_keys=True))
+            for r in records]
+    assert len(keys) == len(set(keys))                                   # one record per run
+    for name in methods:                                                 # every rate of every sweep
+        for task in data.SUITE:
+            swept = {r["lr"] for r in bench._config(records, "zoo-decoder", name, task) if r["seed"] == 0}
+            assert swept == set(bench.METHODS[name].lrs), (name, task)
+    full, qlora = tab[("full", "sentiment")], tab[("qlora", "sentiment")]
+    assert qlora["total"] == full["total"] - 256 + qlora["trainable"]   # the 4-bit weights count too
 
 
 def test_a_stored_record_reproduces():
@@ -132,5 +151,6 @@ def test_a_stored_record_reproduces():
     for k in ("hparams", "steps", "batch_size", "trainable", "total", "memory_mb", "loss_every"):
         assert again[k] == stored[k], k
     assert again["loss"][0] == pytest.approx(stored["loss"][0], abs=1e-4)
+    assert again["loss"][-1] == pytest.approx(stored["loss"][-1], abs=0.05)
     assert again["test"] == pytest.approx(stored["test"], abs=2 / 500)
     assert again["validation"] == pytest.approx(stored["validation"], abs=2 / 300)

@@ -61,11 +61,14 @@ def test_hub_mapping_sst2_and_e2e():
     out = data.standardize_hub("sst2", sst, sizes={"train": 50})
     assert out["train"].column_names == ["text", "label"] and len(out["train"]) == 50
     assert len(out["validation"]) == 872 and len(out["test"]) == 5
-    e2e = DatasetDict(train=Dataset.from_dict({"meaning_representation": ["name[The Eagle], eatType[pub]"],
-                                               "human_reference": ["The Eagle is a pub."]}))
+    e2e = DatasetDict(train=Dataset.from_dict({
+        "meaning_representation": ["name[The Eagle], eatType[pub], priceRange[£20-25], familyFriendly[yes]"],
+        "human_reference": ["The Eagle is a family friendly pub, £20-25."]}))
     row = data.standardize_hub("e2e_nlg", e2e)["train"][0]
-    assert row == {"mr": "name[the eagle] , eattype[pub]", "text": "The Eagle is a pub."}
-    assert data.parse_mr(row["mr"]) == {"name": "the eagle", "eattype": "pub"}
+    assert row["mr"] == "name[The Eagle] , eattype[pub] , price[£20-25] , family[yes]"
+    assert data.parse_mr(row["mr"]) == {"name": "The Eagle", "eattype": "pub", "price": "£20-25",
+                                        "family": "yes"}
+    assert data.slot_score(row["mr"], row["text"]) == (4, 4)
 
 
 def test_encode_generation_masks_the_prompt():
