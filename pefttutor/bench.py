@@ -152,6 +152,19 @@ BUDGETS = {"classification": Budget(150, 32), "pair": Budget(150, 32),
            "generation": Budget(150, 16, {"validation": 100, "test": 200})}
 
 
+# Architectures that only encode: they classify, they do not generate.
+ENCODER_TYPES = {"bert", "roberta", "roberta-prelayernorm", "distilbert", "albert", "electra",
+                 "deberta", "deberta-v2", "xlm-roberta", "modernbert"}
+
+
+def is_encoder(model_name: str) -> bool:
+    """Whether ``model_name`` (a zoo name, a local folder or a Hub name) is an encoder-only model,
+    read from its configuration."""
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(zoo.resolve(model_name))
+    return config.model_type in ENCODER_TYPES and not getattr(config, "is_decoder", False)
+
+
 def _load_model(model_name: str, info: data.Task):
     if info.kind == "generation":
         return zoo.load_decoder(model_name)
@@ -213,7 +226,7 @@ def fit(method_name: str, task: str, seed: int = 0, lr: float | None = None, *,
     steps = budget.steps if steps is None else checks.integer("steps", steps, low=1, who="bench.run ")
     batch_size = (budget.batch_size if batch_size is None
                   else checks.integer("batch_size", batch_size, low=1, who="bench.run "))
-    if info.kind == "generation" and model in ("zoo-encoder",):
+    if info.kind == "generation" and is_encoder(model):
         raise ValueError(f"bench.run: task {task!r} generates text and {model!r} is an encoder; use a "
                          f"decoder (zoo-decoder) or leave {task!r} out (--tasks ...)")
     dd = data.load_task(task, sizes=sizes)

@@ -54,6 +54,14 @@ def test_run_refuses_unknown_hyperparameters_and_bad_values():
         bench.run("lora", "glue")
 
 
+def test_an_encoder_is_refused_a_generation_task_by_its_architecture():
+    # by name and by path: the check reads the model's configuration, not its zoo name
+    assert bench.is_encoder("zoo-encoder") and not bench.is_encoder("zoo-decoder")
+    for model in ("zoo-encoder", zoo.resolve("zoo-encoder")):
+        with pytest.raises(ValueError, match="generates text and .* is an encoder; use a decoder"):
+            bench.run("lora", "restaurants", model=model)
+
+
 def _fake_run(calls):
     def run(name, task, seed=0, lr=None, **kw):
         calls.append((name, task, seed, lr))
