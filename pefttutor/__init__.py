@@ -3,6 +3,8 @@
 The package behind the book: every layer here is derived in a chapter and tested against the
 reference library (peft, bitsandbytes, adapters) on the same weights.
 """
+from .adapters import (AdapterFusion, HoulsbyAdapter, ParallelAdapter, PfeifferAdapter, RobustAdapterDrop,
+                       drop_adapters, fuse, prune_fusion)
 from .fedpara import FedParaLinear, HadamardLinear
 from .inject import (AdapterLayer, AdapterModule, ParameterCount, adapter_layers, adapter_state, find_targets, inject,
                      linear_names, load_adapter, merge, save_adapter, trainable_parameters, unload,
@@ -12,7 +14,8 @@ from .lora import LoRALinear
 
 __version__ = "0.1.0"
 
-__all__ = ["AdapterLayer", "AdapterModule", "FedParaLinear", "HadamardLinear", "KronABlock", "KronALinear",
-           "LoRALinear", "ParameterCount", "adapter_layers", "adapter_state",
-           "find_targets", "inject", "linear_names", "load_adapter", "merge", "save_adapter",
+__all__ = ["AdapterFusion", "AdapterLayer", "AdapterModule", "FedParaLinear", "HadamardLinear", "HoulsbyAdapter",
+           "KronABlock", "KronALinear", "LoRALinear", "ParallelAdapter", "ParameterCount", "PfeifferAdapter",
+           "RobustAdapterDrop", "adapter_layers", "adapter_state", "drop_adapters", "find_targets", "fuse",
+           "inject", "linear_names", "load_adapter", "merge", "prune_fusion", "save_adapter",
            "trainable_parameters", "unload", "unmerge"]

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import checks, data, zoo
+from .adapters import HoulsbyAdapter, ParallelAdapter, PfeifferAdapter, layer_norm_names
 from .fedpara import FedParaLinear
 from .inject import inject, trainable_parameters
 from .krona import KronALinear
@@ -120,6 +121,24 @@ register("krona", lrs=(3e-3, 1e-2, 3e-2, 1e-1), a_shape=None, scale=4.0, targets
          )(adapter(KronALinear))
 register("fedpara", lrs=(1e-3, 3e-3, 1e-2, 3e-2), r=4, alpha=8, targets="query-value",
          about="FedPara (Hadamard of two rank-4 products) on W_q, W_v")(adapter(FedParaLinear))
+
+
+def bottleneck(layer_cls, layer_norms: bool = False):
+    """``apply`` for a bottleneck adapter at its paper's places (``targets="auto"``), the task head
+    trained in full, and with ``layer_norms`` every LayerNorm too (Houlsby et al. train them)."""
+    def apply(model, kind, targets="auto", **hparams):
+        keep = task_heads(model, kind) + (layer_norm_names(model) if layer_norms else [])
+        inject(model, layer_cls, targets, modules_to_save=keep, **hparams)
+    return apply
+
+
+register("houlsby", lrs=(1e-3, 3e-3, 1e-2, 3e-2), bottleneck=8, targets="auto", family="adapter",
+         about="Houlsby adapters (m = 8) after attention and after the FFN, LayerNorms trained"
+         )(bottleneck(HoulsbyAdapter, layer_norms=True))
+register("pfeiffer", lrs=(1e-3, 3e-3, 1e-2, 3e-2), bottleneck=8, targets="auto", family="adapter",
+         about="Pfeiffer adapter (m = 8) after the FFN of every layer")(bottleneck(PfeifferAdapter))
+register("parallel", lrs=(1e-3, 3e-3, 1e-2, 3e-2), bottleneck=8, scaling=4.0, targets="auto", family="adapter",
+         about="parallel adapter (m = 8, scaling 4) beside the FFN of every layer")(bottleneck(ParallelAdapter))
 
 
 @register("qlora", lrs=(1e-3, 3e-3, 1e-2, 3e-2), r=8, alpha=16, targets="all-linear", blocksize=64,

@@ -57,6 +57,7 @@ class AdapterModule(nn.Module):
     """
 
     mergeable = True
+    frozen: tuple[str, ...] = ()        # child prefixes that are saved with the adapter but do not train
 
     def __init__(self, base: nn.Module):
         super().__init__()
@@ -391,6 +392,8 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _set_trainable(model: nn.Module):
     train = set(adapter_state(model))
+    for name, layer in adapter_layers(model).items():
+        train -= {k for k in train for prefix in layer.frozen if k.startswith(f"{name}.{prefix}")}
     for name, p in model.named_parameters():
         p.requires_grad_(name in train)
 
@@ -542,7 +545,12 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
         shapes = [f"{k}: file {tuple(saved[k].shape)} vs model {tuple(expected[k].shape)}"
                   for k in sorted(set(saved) & set(expected)) if saved[k].shape != expected[k].shape]
         if missing or unexpected or shapes:
+            fusion = any(c["layer"] == "AdapterFusion" for c in saved_config or []) and any(
+                ".adapters." in k for k in missing)
             raise ValueError(
+                (f"the fusion file {path} lacks the weights of the adapters it fuses: save a fused model with "
+                 f"save_adapter (it stores them), or rebuild the fusion with fuse(model, {{name: path}}). "
+                 if fusion else "") +
                 f"adapter file {path} does not fit this {type(model).__name__} ({origin}). "
                 f"missing keys: {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
                 f"unexpected keys: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}; "

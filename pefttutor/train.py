@@ -78,6 +78,7 @@ def train(model, data, *, pad_id: int, steps: int = 200, batch_size: int = 32, l
     batches = _batches(data, min(batch_size, len(data)), torch.Generator().manual_seed(seed), pad_id)
     if progress is None:
         progress = not os.environ.get("PEFTTUTOR_QUIET")
+    regularized = any(hasattr(m, "regularization") for m in model.modules())
     history = {"step": [], "loss": [], "eval": []}
     start = time.perf_counter()
     model.train()
@@ -85,6 +86,7 @@ def train(model, data, *, pad_id: int, steps: int = 200, batch_size: int = 32, l
     for step in bar:
         with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
             loss = model(**_to(next(batches), device)).loss
+            loss = loss + regularization(model) if regularized else loss
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(params, clip)
@@ -99,6 +101,13 @@ def train(model, data, *, pad_id: int, steps: int = 200, batch_size: int = 32, l
     model.eval()
     history["seconds"] = time.perf_counter() - start
     return history
+
+
+def regularization(model) -> torch.Tensor | float:
+    """The sum of the ``regularization()`` terms of modules that define one and train (AdapterFusion's
+    pull of its value matrix towards the identity); 0 when there are none."""
+    return sum((m.regularization() for m in model.modules()
+                if hasattr(m, "regularization") and any(p.requires_grad for p in m.parameters())), 0.0)
 
 
 @torch.no_grad()

@@ -18,7 +18,8 @@ def test_registry_has_every_method_of_the_table():
         bench.method("lorra")
 
 
-@pytest.mark.parametrize("name", ["head", "full", "lora", "krona", "fedpara", "qlora"])
+@pytest.mark.parametrize("name", ["head", "full", "lora", "krona", "fedpara", "qlora", "houlsby", "pfeiffer",
+                                  "parallel"])
 def test_run_returns_one_record(name):
     record = bench.run(name, "nli", seed=1, lr=1e-3, steps=2, batch_size=8, sizes=TINY, progress=False)
     assert (record["method"], record["task"], record["seed"], record["lr"]) == (name, "nli", 1, 1e-3)
@@ -28,10 +29,13 @@ def test_run_returns_one_record(name):
     assert len(record["loss"]) == 2 and record["version"] and "bench.run('" in record["command"]
     model, _ = zoo.load_classifier("zoo-decoder", num_labels=3)
     head = 128 * 3                                   # LlamaForSequenceClassification.score, no bias
+    adapter = 2 * 8 * 128 + 8 + 128                  # 2 m d + m + d with m = 8
+    norms = 2 * 128                                   # Houlsby trains each layer's two RMSNorms (and the last)
     per_layer = {"head": 0, "lora": 2 * 2 * 8 * 128, "fedpara": 2 * 2 * 2 * 4 * 128,
-                 "krona": 2 * (8 * 8 + 16 * 16)}
+                 "krona": 2 * (8 * 8 + 16 * 16), "houlsby": 2 * adapter + norms, "pfeiffer": adapter,
+                 "parallel": adapter}
     if name in per_layer:
-        assert record["trainable"] == head + 3 * per_layer[name]
+        assert record["trainable"] == head + 3 * per_layer[name] + (128 if name == "houlsby" else 0)
     if name == "full":
         assert record["trainable"] == sum(p.numel() for p in model.parameters())
 

@@ -3,7 +3,8 @@
 Architectures: the families transformers ships, tiny and seeded: decoders with and without tied
 embeddings and grouped-query attention (Llama, Qwen2 with q/k/v biases, GPT-2 with Conv1D), an encoder
 (BERT), and encoder-decoders (T5 without biases, BART with them; both tie their embeddings). Layer
-types: every adapter pefttutor exports, and LoRA on an NF4 base (QLoRA). Checks: identity at
+types: every adapter pefttutor exports (weight-space layers and the bottleneck adapters), and LoRA on an
+NF4 base (QLoRA). Checks: identity at
 initialisation, only adapter parameters (and the kept head) train, merge / unmerge / unload (or a clear
 refusal that changes nothing), save / load round trip (and a refusal of other hyperparameters that
 changes nothing), and a dtype change after injection. A combination that cannot apply (KronA^B on a
@@ -18,8 +19,9 @@ from transformers import (BartConfig, BartForConditionalGeneration, BertConfig, 
                           GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
                           T5Config, T5ForConditionalGeneration)
 
-from pefttutor import (AdapterModule, FedParaLinear, KronABlock, KronALinear, LoRALinear, adapter_layers, inject,
-                       load_adapter, merge, save_adapter, trainable_parameters, unload, unmerge)
+from pefttutor import (AdapterModule, FedParaLinear, HoulsbyAdapter, KronABlock, KronALinear, LoRALinear,
+                       ParallelAdapter, PfeifferAdapter, adapter_layers, inject, load_adapter, merge, save_adapter,
+                       trainable_parameters, unload, unmerge)
 from pefttutor.quant import NF4Linear, dequantize_model, quantize_model
 
 V = 64
@@ -58,9 +60,14 @@ CASES = {   # name: (layer class, targets, hyperparameters, quantized base, hype
     "fedpara": (FedParaLinear, "all-linear", dict(r=2, alpha=4), False, dict(alpha=2)),
     "kronab-res": (KronABlock, "ffn", dict(residual=True, scale=0.5), False, dict(scale=1.0)),
     "qlora": (LoRALinear, "all-linear", dict(r=2, alpha=4), True, dict(alpha=2)),
+    "houlsby": (HoulsbyAdapter, "auto", dict(bottleneck=4), False, dict(activation="relu")),
+    "pfeiffer": (PfeifferAdapter, "auto", dict(bottleneck=4), False, dict(scaling=2.0)),
+    "parallel": (ParallelAdapter, "auto", dict(bottleneck=4), False, dict(scaling=1.0)),
 }
 
-NOT_APPLICABLE = {("bart-tied", "kronab-res"): "no feed-forward block of BartForConditionalGeneration"}
+NOT_APPLICABLE = {("bart-tied", "kronab-res"): "no feed-forward block of BartForConditionalGeneration",
+                  **{(arch, case): f"no place for {CASES[case][0].__name__} matches targets='auto'"
+                     for arch in ("t5-tied", "bart-tied") for case in ("houlsby", "pfeiffer", "parallel")}}
 MATRIX = [(a, c) for a in ARCHS for c in CASES if (a, c) not in NOT_APPLICABLE]
 
 
