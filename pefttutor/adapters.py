@@ -417,6 +417,51 @@ def prune_fusion(model: nn.Module, keep) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------
+# Weights from AdapterHub
+
+
+def _projection(rest: str, key: str) -> str:
+    for theirs, ours in (("adapter_down.0.", "down."), ("adapter_up.", "up.")):
+        if rest.startswith(theirs):
+            return ours + rest[len(theirs):]
+    raise ValueError(f"from_adapterhub: {key} is not a bottleneck adapter's down or up projection (layer "
+                     f"norms, gates and PHM layers inside an adapter have no counterpart here)")
+
+
+def from_adapterhub(model: nn.Module, tensors: dict) -> dict[str, torch.Tensor]:
+    """Rename the tensors of AdapterHub bottleneck adapters and fusions (``model.state_dict()`` of an
+    ``adapters`` model, or a saved adapter) to pefttutor's names in ``model``, which must carry the
+    same placement (``inject(model, PfeifferAdapter, "auto", bottleneck=...)`` for ``SeqBnConfig``, or
+    ``fuse``/``AdapterFusion`` for ``Fuse``). Load the result with ``model.load_state_dict(out,
+    strict=False)``. Tensors that are not adapters' are left out."""
+    sites = {n: m for n, m in model.named_modules() if isinstance(m, _AtSite)}
+    out = {}
+    for key, value in tensors.items():
+        hooked = re.fullmatch(r"((?:.*\.)?\d+)\.(attention|output)_adapters\.(.*)", key)   # Llama, GPT-2
+        if hooked:
+            layer, where, rest = hooked.groups()
+            kinds = ("attention",) if where == "attention" else ("ffn", "layer")
+            site = next((n for n, m in sites.items()
+                         if (n == layer or n.startswith(layer + ".")) and m.site in kinds), None)
+        else:                                                                           # BERT, RoBERTa
+            found = re.fullmatch(r"(.*?)\.((?:adapters|adapter_fusion_layer)\..*)", key)
+            if not found:
+                continue
+            site, rest = found.groups()
+        if site not in sites:
+            raise ValueError(f"from_adapterhub: {key} has no place in this {type(model).__name__}; its adapters "
+                             f"sit at {list(sites)[:4]}. Inject the placement the AdapterHub model used first.")
+        module = sites[site]
+        if rest.startswith("adapter_fusion_layer."):
+            out[f"{site}.{rest.split('.', 2)[2]}"] = value                             # query, key, value
+            continue
+        _, name, proj = rest.split(".", 2)
+        inner = f"adapters.{name}." if isinstance(module, AdapterFusion) else "adapter."
+        out[f"{site}.{inner}{_projection(proj, key)}"] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # AdapterDrop
 
 

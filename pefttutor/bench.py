@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
+import os
 import pathlib
 import platform
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -31,9 +34,9 @@ from dataclasses import dataclass, field
 import torch
 
 from . import checks, data, zoo
-from .adapters import HoulsbyAdapter, ParallelAdapter, PfeifferAdapter, layer_norm_names
+from .adapters import HoulsbyAdapter, ParallelAdapter, PfeifferAdapter, fuse, layer_index, layer_norm_names
 from .fedpara import FedParaLinear
-from .inject import inject, trainable_parameters
+from .inject import inject, save_adapter, trainable_parameters
 from .krona import KronALinear
 from .lora import LoRALinear
 from .memory import measure, storage_bytes
@@ -139,6 +142,45 @@ register("pfeiffer", lrs=(1e-3, 3e-3, 1e-2, 3e-2), bottleneck=8, targets="auto",
          about="Pfeiffer adapter (m = 8) after the FFN of every layer")(bottleneck(PfeifferAdapter))
 register("parallel", lrs=(1e-3, 3e-3, 1e-2, 3e-2), bottleneck=8, scaling=4.0, targets="auto", family="adapter",
          about="parallel adapter (m = 8, scaling 4) beside the FFN of every layer")(bottleneck(ParallelAdapter))
+
+
+@register("adapterdrop", lrs=(1e-3, 3e-3, 1e-2, 3e-2), bottleneck=8, drop=1, family="adapter",
+          about="AdapterDrop: Pfeiffer adapters (m = 8) in every layer but the lowest `drop`")
+def _adapterdrop(model, kind, bottleneck=8, drop=1):
+    names = PfeifferAdapter.find_targets(model, "auto")
+    depth = len(names)
+    drop = checks.integer("drop", drop, low=0, high=depth - 1, who="adapterdrop ")
+    kept = [n for n in names if (layer_index(n) or 0) >= drop]
+    inject(model, PfeifferAdapter, "|".join(re.escape(n) for n in kept),
+           modules_to_save=task_heads(model, kind), bottleneck=bottleneck)
+
+
+FUSION_SOURCES = ("reviews", "sentiment", "nli", "jobs", "knowledge")
+
+
+def source_adapter(model_name: str, task: str, bottleneck: int = 8, cache=None) -> pathlib.Path:
+    """The Pfeiffer adapter of ``task`` (seed 0, the bench's best rate on validation, or the middle
+    rate), trained once and cached as a safetensors file: AdapterFusion's stage 1."""
+    cache = pathlib.Path(cache or os.environ.get("PEFTTUTOR_CACHE", pathlib.Path.home() / ".cache" / "pefttutor"))
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(model_name)).strip("_")[-60:]
+    path = cache / "fusion_sources" / f"{safe}-{task}-pfeiffer-m{bottleneck}.safetensors"
+    if not path.exists():
+        lr = best_lr(load(), "pfeiffer", task, model_name) if model_name in zoo.ZOO else None
+        _, net = fit("pfeiffer", task, seed=0, lr=lr, model=model_name, bottleneck=bottleneck, progress=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_adapter(net, path)
+    return path
+
+
+@register("fusion", lrs=(1e-3, 3e-3, 1e-2, 3e-2), bottleneck=8, sources=list(FUSION_SOURCES), family="adapter",
+          about="AdapterFusion over Pfeiffer adapters (m = 8) of the source tasks and of the target task")
+def _fusion(model, kind, bottleneck=8, sources=FUSION_SOURCES, task=None):
+    name = getattr(model, "name_or_path", "") or "zoo-decoder"
+    name = next((k for k, v in zoo.ZOO.items() if str(v) == str(name)), name)
+    rng = torch.random.get_rng_state()           # training the sources must not change this run's seed
+    paths = {t: source_adapter(name, t, bottleneck) for t in dict.fromkeys([*sources, *([task] if task else [])])}
+    torch.random.set_rng_state(rng)
+    fuse(model, paths, modules_to_save=task_heads(model, kind))
 
 
 @register("qlora", lrs=(1e-3, 3e-3, 1e-2, 3e-2), r=8, alpha=16, targets="all-linear", blocksize=64,
@@ -252,7 +294,8 @@ def fit(method_name: str, task: str, seed: int = 0, lr: float | None = None, *,
 
     torch.manual_seed(seed)
     net, tok = _load_model(model, info)
-    m.apply(net, info.kind, **hp)
+    wants_task = "task" in inspect.signature(m.apply).parameters     # AdapterFusion fuses the target's adapter too
+    m.apply(net, info.kind, **hp, **({"task": task} if wants_task else {}))
     examples = _encode(dd, tok, info)
     count = trainable_parameters(net)
     memory = _memory_bytes(net, examples, tok.pad_token_id, batch_size)

@@ -2,7 +2,8 @@
 wrote (tests/adapterhub), and the errors of bad input.
 
 ``adapters`` 1.3.0 needs transformers 4.57, so it runs in a side environment (tests/adapterhub/build.sh,
-which .ci/run calls before pytest) and leaves safetensors files: a tiny seeded base model per architecture,
+which .ci/run calls before pytest) and leaves safetensors files in pefttutor/adapterhub_fixtures (shipped,
+so the adapters chapter shows the same check): a tiny seeded base model per architecture,
 and per configuration the adapter tensors under ``adapters``' names, the input and ``adapters``' output.
 Here those tensors go into pefttutor's layers by name and the outputs must agree (fp32, max abs difference
 <= 1e-5). Both sides run eager attention in fp32 on the same CPU; the difference is float rounding only.
@@ -14,23 +15,19 @@ import re
 
 import pytest
 import torch
+
+import pefttutor
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaModel
 
 from pefttutor import (AdapterFusion, HoulsbyAdapter, ParallelAdapter, PfeifferAdapter, RobustAdapterDrop,
                        drop_adapters, fuse, inject, load_adapter, prune_fusion, save_adapter, trainable_parameters)
-from pefttutor.adapters import layer_norm_names, site_of
+from pefttutor.adapters import from_adapterhub, layer_norm_names, site_of
 from pefttutor.train import regularization, train
 
-FIXTURES = pathlib.Path(__file__).parent / "adapterhub" / "fixtures"
+FIXTURES = pathlib.Path(pefttutor.__file__).parent / "adapterhub_fixtures"
 MODELS = {"bert": (BertModel, BertConfig), "llama": (LlamaModel, LlamaConfig), "gpt2": (GPT2Model, GPT2Config)}
-LAYERS = {"bert": "encoder.layer", "llama": "layers", "gpt2": "h"}
-SITES = {  # where adapters' attention_adapters / output_adapters live in pefttutor, per placement
-    ("bert", "houlsby"): ("attention.output", "output"), ("bert", "pfeiffer"): (None, "output"),
-    ("bert", "parallel"): (None, "output"), ("llama", "houlsby"): ("self_attn", "mlp"),
-    ("llama", "pfeiffer"): (None, ""), ("gpt2", "houlsby"): ("attn", "mlp"), ("gpt2", "pfeiffer"): (None, ""),
-}
 CLASSES = {"houlsby": HoulsbyAdapter, "pfeiffer": PfeifferAdapter, "parallel": ParallelAdapter}
 
 
@@ -50,19 +47,6 @@ def base(arch):
     return model, tensors["output"]
 
 
-def ours(key, arch, placement):
-    """adapters' tensor name -> pefttutor's (None for a tensor we do not hold)."""
-    if arch == "bert":
-        key = re.sub(r"\.adapters\.a\.", ".adapter.", key) if placement != "fusion" else key
-        key = key.replace("adapter_down.0.", "down.").replace("adapter_up.", "up.")
-        return re.sub(r"adapter_fusion_layer\.[^.]+\.", "", key)
-    attn, out = SITES[(arch, placement)]
-    m = re.fullmatch(r"(\w+)\.(\d+)\.(attention|output)_adapters\.adapters\.a\.(.*)", key)
-    site = attn if m.group(3) == "attention" else out
-    rest = m.group(4).replace("adapter_down.0.", "down.").replace("adapter_up.", "up.")
-    return ".".join(p for p in (LAYERS[arch], m.group(2), site, "adapter", rest) if p)
-
-
 def from_fixture(name):
     """The fixture's model rebuilt in pefttutor: (model, inputs, adapters' output, base output)."""
     tensors, meta = read(name)
@@ -78,7 +62,7 @@ def from_fixture(name):
         inject(model, CLASSES.get(placement, HoulsbyAdapter), "auto", **kw)
     if placement == "drop":
         drop_adapters(model, len(json.loads(meta["skip"])))
-    state = {ours(k, arch, placement): v for k, v in tensors.items() if "adapter" in k}
+    state = from_adapterhub(model, tensors)
     missing = set(state) - set(model.state_dict())
     assert not missing, f"no such tensors in pefttutor's model: {sorted(missing)[:4]}"
     model.load_state_dict(state, strict=False)
@@ -111,7 +95,8 @@ def test_every_parameter_of_the_fixture_is_used():
         model, *_ = from_fixture(name)
         tensors, _ = read(name)
         arch, placement = name.split("_")
-        mapped = {ours(k, arch, placement) for k in tensors if "adapter" in k}
+        mapped = set(from_adapterhub(model, tensors))
+        assert len(mapped) == sum("adapter" in k for k in tensors), name
         own = {k for k, _ in model.named_parameters() if ".base." not in f".{k}" and k not in base(arch)[0].state_dict()}
         assert own == mapped, name
 

@@ -19,7 +19,7 @@ def test_registry_has_every_method_of_the_table():
 
 
 @pytest.mark.parametrize("name", ["head", "full", "lora", "krona", "fedpara", "qlora", "houlsby", "pfeiffer",
-                                  "parallel"])
+                                  "parallel", "adapterdrop"])
 def test_run_returns_one_record(name):
     record = bench.run(name, "nli", seed=1, lr=1e-3, steps=2, batch_size=8, sizes=TINY, progress=False)
     assert (record["method"], record["task"], record["seed"], record["lr"]) == (name, "nli", 1, 1e-3)
@@ -33,11 +33,31 @@ def test_run_returns_one_record(name):
     norms = 2 * 128                                   # Houlsby trains each layer's two RMSNorms (and the last)
     per_layer = {"head": 0, "lora": 2 * 2 * 8 * 128, "fedpara": 2 * 2 * 2 * 4 * 128,
                  "krona": 2 * (8 * 8 + 16 * 16), "houlsby": 2 * adapter + norms, "pfeiffer": adapter,
-                 "parallel": adapter}
+                 "parallel": adapter, "adapterdrop": 2 * adapter / 3}      # layers 1 and 2 of 3
     if name in per_layer:
         assert record["trainable"] == head + 3 * per_layer[name] + (128 if name == "houlsby" else 0)
     if name == "full":
         assert record["trainable"] == sum(p.numel() for p in model.parameters())
+
+
+def test_fusion_trains_its_sources_once_and_fuses_the_target_too(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEFTTUTOR_CACHE", str(tmp_path))
+    real_fit, sources_fit = bench.fit, []
+
+    def quick_fit(name, task, *args, **kw):         # stage 1, shortened for the test
+        if name == "pfeiffer":
+            sources_fit.append(task)
+            kw = {**kw, "steps": 2, "sizes": TINY}
+        return real_fit(name, task, *args, **kw)
+    monkeypatch.setattr(bench, "fit", quick_fit)
+    kw = dict(seed=0, lr=1e-3, steps=2, batch_size=8, sizes=TINY, progress=False, sources=["reviews", "knowledge"])
+    first = bench.run("fusion", "nli", **kw)
+    assert sorted(sources_fit) == ["knowledge", "nli", "reviews"]             # the target's own adapter too
+    assert len(list((tmp_path / "fusion_sources").glob("*.safetensors"))) == 3
+    assert first["trainable"] == 128 * 3 + 3 * (3 * 128 * 128 + 2 * 128)    # head + Q, K, V per layer
+    again = bench.run("fusion", "nli", **kw)
+    assert len(sources_fit) == 3                                               # cached: not trained again
+    assert again["loss"] == first["loss"]                                      # and the same run
 
 
 def test_run_generation_and_the_frozen_baseline():

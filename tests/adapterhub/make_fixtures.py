@@ -21,7 +21,8 @@ from adapters import DoubleSeqBnConfig, Fuse, ParBnConfig, SeqBnConfig
 from safetensors.torch import save_file
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaModel
 
-OUT = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else pathlib.Path(__file__).parent / "fixtures")
+OUT = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else
+                   pathlib.Path(__file__).parents[2] / "pefttutor" / "adapterhub_fixtures")
 
 BASES = {
     "bert": (BertModel, BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
