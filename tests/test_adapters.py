@@ -375,3 +375,37 @@ def test_train_adds_the_fusion_regularizer(tmp_path):
         plain = clf.train()(input_ids=IDS, labels=torch.tensor([1, 0])).loss.item()
     history = train(clf, data, pad_id=0, steps=1, batch_size=2, lr=1e-9, progress=False)
     assert reg > 0.1 and history["loss"][0] == pytest.approx(plain + reg, rel=1e-4)
+
+
+@pytest.mark.parametrize("cls", [HoulsbyAdapter, PfeifferAdapter, ParallelAdapter])
+def test_roberta_and_the_zoo_encoder(cls, tmp_path):
+    """The same placements on RoBERTa (its own SelfOutput / Output classes) and on the zoo encoder
+    classifier: identity at initialisation, the expected number of sites, and a save / load round trip
+    into a fresh model carrying the same base weights."""
+    from transformers import RobertaConfig, RobertaModel
+
+    from pefttutor import zoo
+    torch.manual_seed(0)
+    roberta = RobertaModel(RobertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=64, max_position_embeddings=40)).eval()
+    encoder, _ = zoo.load_classifier("zoo-encoder", num_labels=2)
+    for model, layers in ((roberta, 2), (encoder.eval(), encoder.config.num_hidden_layers)):
+        ids = torch.randint(3, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            before = model(input_ids=ids)[0]
+        inject(model, cls, "auto", bottleneck=4)
+        sites = [n for n, m in model.named_modules() if isinstance(m, cls)]
+        assert len(sites) == layers * (2 if cls is HoulsbyAdapter else 1)
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids)[0], before)
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    p.normal_(std=0.2)
+            changed = model(input_ids=ids)[0]
+        save_adapter(model, tmp_path / "a.safetensors")
+        base = RobertaModel(roberta.config).eval() if model is roberta else zoo.load_classifier(
+            "zoo-encoder", num_labels=2)[0].eval()
+        base.load_state_dict({k.replace(".base.", "."): v for k, v in model.state_dict().items()
+                              if not re.search(r"\.adapter\.", k)}, strict=False)
+        with torch.no_grad():
+            assert torch.equal(load_adapter(base, tmp_path / "a.safetensors")(input_ids=ids)[0], changed)
