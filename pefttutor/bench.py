@@ -136,7 +136,7 @@ def bottleneck(layer_cls, layer_norms: bool = False):
 
 
 register("houlsby", lrs=(1e-3, 3e-3, 1e-2, 3e-2), bottleneck=8, targets="auto", family="adapter",
-         about="Houlsby adapters (m = 8) after attention and after the FFN, LayerNorms trained"
+         about="Houlsby adapters (m = 8) after attention and FFN; LayerNorms train"
          )(bottleneck(HoulsbyAdapter, layer_norms=True))
 register("pfeiffer", lrs=(1e-3, 3e-3, 1e-2, 3e-2), bottleneck=8, targets="auto", family="adapter",
          about="Pfeiffer adapter (m = 8) after the FFN of every layer")(bottleneck(PfeifferAdapter))
@@ -145,7 +145,7 @@ register("parallel", lrs=(1e-3, 3e-3, 1e-2, 3e-2), bottleneck=8, scaling=4.0, ta
 
 
 @register("adapterdrop", lrs=(1e-3, 3e-3, 1e-2, 3e-2), bottleneck=8, drop=1, family="adapter",
-          about="AdapterDrop: Pfeiffer adapters (m = 8) in every layer but the lowest `drop`")
+          about="AdapterDrop: Pfeiffer adapters (m = 8) above the lowest `drop` layers")
 def _adapterdrop(model, kind, bottleneck=8, drop=1):
     names = PfeifferAdapter.find_targets(model, "auto")
     depth = len(names)
@@ -173,7 +173,7 @@ def source_adapter(model_name: str, task: str, bottleneck: int = 8, cache=None) 
 
 
 @register("fusion", lrs=(1e-3, 3e-3, 1e-2, 3e-2), bottleneck=8, sources=list(FUSION_SOURCES), family="adapter",
-          about="AdapterFusion over Pfeiffer adapters (m = 8) of the source tasks and of the target task")
+          about="AdapterFusion of the sources' and the target's Pfeiffer adapters")
 def _fusion(model, kind, bottleneck=8, sources=FUSION_SOURCES, task=None):
     name = getattr(model, "name_or_path", "") or "zoo-decoder"
     name = next((k for k, v in zoo.ZOO.items() if str(v) == str(name)), name)
