@@ -13,6 +13,19 @@ STYLE = {"figure.figsize": (7, 3.6), "font.size": 11, "axes.titlesize": 12, "axe
          "figure.dpi": 110, "axes.spines.top": False, "axes.spines.right": False}
 
 
+# One colour per method, the same in every chapter's figure (baselines in greys).
+METHOD_COLORS = {"head": "#9e9e9e", "full": "#424242", "lora": "#1f77b4", "krona": "#ff7f0e",
+                 "fedpara": "#2ca02c", "qlora": "#d62728", "houlsby": "#9467bd", "pfeiffer": "#8c564b",
+                 "parallel": "#e377c2", "fusion": "#17becf", "adapterdrop": "#bcbd22"}
+_SPARE = ["#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94"]
+
+
+def method_colors(methods) -> dict:
+    """A colour for each method name: its own from :data:`METHOD_COLORS`, else a spare one."""
+    spare = iter(_SPARE * (1 + len(methods) // len(_SPARE)))
+    return {m: METHOD_COLORS.get(m) or next(spare) for m in methods}
+
+
 def style() -> None:
     """Make figures legible at the book's page width (call once, at the top of a chapter)."""
     plt.rcParams.update(STYLE)
@@ -26,11 +39,12 @@ def comparison(tab: dict, methods=None, tasks=None, ax=None, title: str | None =
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 3.6))
     width = 0.8 / len(methods)
+    colors = method_colors(methods)
     for i, name in enumerate(methods):
         xs = [t + (i - (len(methods) - 1) / 2) * width for t in range(len(tasks))]
         cells = [tab.get((name, task)) for task in tasks]
         ax.bar([x for x, c in zip(xs, cells) if c], [c["mean"] for c in cells if c], width,
-               yerr=[c["std"] for c in cells if c], capsize=2, label=name)
+               yerr=[c["std"] for c in cells if c], capsize=2, label=name, color=colors[name])
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set(ylabel="test score (mean of seeds)", ylim=(0, 1.05), title=title)
     ax.legend(ncol=min(len(methods), 6), loc="upper center", bbox_to_anchor=(0.5, -0.12),

@@ -125,6 +125,9 @@ def test_sweep_picks_the_rate_on_validation_and_resumes(tmp_path, monkeypatch):
     text = bench.format_table(tab)
     assert f"| lora | {best - 0.01:.3f} ± 0.010 | 10 | 5 | 1.0 |" in text
     assert comparison(tab).axes[0].get_ylabel().startswith("test score")
+    from pefttutor.plot import METHOD_COLORS, method_colors
+    assert method_colors(["lora", "mine"])["lora"] == METHOD_COLORS["lora"]      # the same in every figure
+    assert method_colors(["mine"])["mine"] not in METHOD_COLORS.values()
 
 
 def test_best_lr_uses_validation_not_test():
