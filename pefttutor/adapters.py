@@ -185,7 +185,8 @@ class _AtSite(AdapterModule):
         if not self.active:                                  # dropped (AdapterDrop): the base alone
             return self.base(*args, **kwargs)
         if self.site.startswith("post-"):                    # BertSelfOutput / BertOutput(h, x)
-            hidden, x = (list(args) + [kwargs.get("hidden_states"), kwargs.get("input_tensor")])[:2]
+            hidden = args[0] if args else kwargs["hidden_states"]
+            x = args[1] if len(args) > 1 else kwargs["input_tensor"]
             h = self.base.dropout(self.base.dense(hidden))
             return self.post_ln(h, x, self.base.LayerNorm)
         if self.site == "attention":                         # returns (output, attention weights)

@@ -8,7 +8,6 @@ and per configuration the adapter tensors under ``adapters``' names, the input a
 Here those tensors go into pefttutor's layers by name and the outputs must agree (fp32, max abs difference
 <= 1e-5). Both sides run eager attention in fp32 on the same CPU; the difference is float rounding only.
 """
-import copy
 import json
 import pathlib
 import re
@@ -54,7 +53,7 @@ def from_fixture(name):
     model, base_out = base(arch)
     config = json.loads(meta["config"])
     kw = dict(bottleneck=model.config.hidden_size // config["reduction_factor"],
-              activation={"swish": "swish", "relu": "relu"}[config["non_linearity"]], scaling=config["scaling"])
+              activation=config["non_linearity"], scaling=config["scaling"])
     if placement == "fusion":
         names = json.loads(meta["names"])
         inject(model, AdapterFusion, "auto", names=names, **kw)
@@ -187,6 +186,19 @@ def test_cannot_merge_and_says_why():
     model = inject(tiny_bert(), HoulsbyAdapter, "auto")
     with pytest.raises(ValueError, match="is not a weight update"):
         merge(model)
+
+
+def test_post_ln_sites_take_keyword_arguments():
+    """BERT calls its SelfOutput / Output positionally; a caller may name the arguments instead."""
+    model = inject(tiny_bert(), HoulsbyAdapter, "auto", bottleneck=4)
+    site = model.encoder.layer[0].output
+    with torch.no_grad():
+        for p in site.adapter.parameters():
+            p.normal_(std=0.3)
+    h, x = torch.randn(2, 5, 64), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        assert torch.equal(site(h, x), site(h, input_tensor=x))
+        assert torch.equal(site(h, x), site(hidden_states=h, input_tensor=x))
 
 
 def test_site_kinds():
