@@ -11,11 +11,13 @@ from .inject import (AdapterLayer, AdapterModule, ParameterCount, adapter_layers
                      unmerge)
 from .krona import KronABlock, KronALinear
 from .lora import LoRALinear
+from .prompts import MultitaskPromptTuning, PrefixTuning, PromptTuning, PTuning
 
 __version__ = "0.1.0"
 
 __all__ = ["AdapterFusion", "AdapterLayer", "AdapterModule", "FedParaLinear", "HadamardLinear", "HoulsbyAdapter",
-           "KronABlock", "KronALinear", "LoRALinear", "ParallelAdapter", "ParameterCount", "PfeifferAdapter",
+           "KronABlock", "KronALinear", "LoRALinear", "MultitaskPromptTuning", "ParallelAdapter", "PrefixTuning",
+           "PromptTuning", "PTuning", "ParameterCount", "PfeifferAdapter",
            "RobustAdapterDrop", "adapter_layers", "adapter_state", "drop_adapters", "find_targets", "fuse",
            "inject", "linear_names", "load_adapter", "merge", "prune_fusion", "save_adapter",
            "trainable_parameters", "unload", "unmerge"]

@@ -40,6 +40,7 @@ from .inject import inject, save_adapter, trainable_parameters
 from .krona import KronALinear
 from .lora import LoRALinear
 from .memory import measure, storage_bytes
+from .prompts import ENCODER_TYPES
 from .train import accuracy, generation_scores, train
 
 STORE = pathlib.Path(__file__).parent / "results" / "bench.jsonl"
@@ -211,11 +212,6 @@ class Budget:
 
 BUDGETS = {"classification": Budget(150, 32), "pair": Budget(150, 32),
            "generation": Budget(150, 16, {"validation": 100, "test": 200})}
-
-
-# Architectures that only encode: they classify, they do not generate.
-ENCODER_TYPES = {"bert", "roberta", "roberta-prelayernorm", "distilbert", "albert", "electra",
-                 "deberta", "deberta-v2", "xlm-roberta", "modernbert"}
 
 
 def is_encoder(model_name: str) -> bool:

@@ -26,7 +26,7 @@ except ImportError:                     # pragma: no cover - transformers is a d
     Conv1D = ()
 
 HEADS = ("lm_head", "classifier", "score", "pooler")
-_MODEL_ATTRS = ("pefttutor_config", "pefttutor_modules_to_save")
+_MODEL_ATTRS = ("pefttutor_config", "pefttutor_modules_to_save", "pefttutor_prompt")
 
 
 def is_quantized(module: nn.Module) -> bool:
@@ -78,6 +78,11 @@ class AdapterModule(nn.Module):
 
     def base_device(self) -> torch.device:
         return self._base_tensor().device
+
+    def attach(self, model: nn.Module, name: str) -> None:
+        """Called by ``inject`` once the layer sits at ``name`` in ``model``, inside the same atomic
+        change: a method that works on the whole model's inputs (a soft prompt) registers its hook
+        here. Most layers need nothing."""
 
     def check_mergeable(self):
         """Raise the error ``merge`` would raise, without changing anything."""
@@ -173,6 +178,10 @@ def set_submodule(model: nn.Module, name: str, module):
     setattr(model.get_submodule(parent_name), child, module)
 
 
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
 class Changes:
     """An undo log: what an operation may change, so that an error can restore the model exactly.
 
@@ -187,6 +196,7 @@ class Changes:
         self.params = [(m, name, p) for m in modules for name, p in m._parameters.items()]
         self.flags = [(p, p.requires_grad) for _, _, p in self.params if p is not None]
         self.attrs = {a: getattr(model, a) for a in _MODEL_ATTRS if hasattr(model, a)}
+        self.hooks = {h: dict(getattr(model, h)) for h in _HOOK_DICTS}
 
     def replace(self, name: str, new):
         """Swap the submodule (or a module's parameter, ``"lm_head.weight"``) at ``name`` for ``new``."""
@@ -204,6 +214,9 @@ class Changes:
                 setattr(self.model, a, self.attrs[a])
             elif hasattr(self.model, a):
                 delattr(self.model, a)
+        for h, saved in self.hooks.items():
+            getattr(self.model, h).clear()
+            getattr(self.model, h).update(saved)
 
 
 @contextlib.contextmanager
@@ -362,10 +375,13 @@ def inject(model: nn.Module, layer_cls, targets, *, modules_to_save=(), **hparam
         layers = {name: layer_cls(model.get_submodule(name), **hparams) for name in names}
         for name, layer in layers.items():
             changes.replace(name, layer.train(layer.base.training))     # an eval model stays in eval mode
+        for name, layer in layers.items():
+            layer.attach(model, name)
         keep = sorted(set(getattr(model, "pefttutor_modules_to_save", [])) | set(modules_to_save))
         _untie_kept(model, keep, changes)
         model.pefttutor_modules_to_save = keep
-        config = {"layer": layer_cls.__name__, "targets": names, "hparams": hparams}
+        derived = {k: v for layer in layers.values() for k, v in getattr(layer, "derived", {}).items()}
+        config = {"layer": layer_cls.__name__, "targets": names, "hparams": {**hparams, **derived}}
         model.pefttutor_config = list(getattr(model, "pefttutor_config", [])) + [config]
         _set_trainable(model)
     return model
@@ -437,8 +453,13 @@ def _check_mergeable(model: nn.Module, what: str):
     layers = adapter_layers(model)
     fixed = [n for n, m in layers.items() if not m.mergeable]
     if fixed:
+        try:
+            layers[fixed[0]].check_mergeable()
+            reason = ""
+        except ValueError as err:
+            reason = f" ({err})"
         raise ValueError(f"cannot {what}: {type(layers[fixed[0]]).__name__} at {fixed[:3]} "
-                         f"is not a weight update and cannot be folded into the base model. Merge "
+                         f"is not a weight update and cannot be folded into the base model{reason}. Merge "
                          f"only models whose adapters are all weight-space layers (LoRA, KronA, FedPara).")
     for layer in layers.values():
         if not layer.merged:
@@ -544,6 +565,7 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
         unexpected = sorted(set(saved) - set(expected))
         shapes = [f"{k}: file {tuple(saved[k].shape)} vs model {tuple(expected[k].shape)}"
                   for k in sorted(set(saved) & set(expected)) if saved[k].shape != expected[k].shape]
+        differ = _config_differences(saved_config, getattr(model, "pefttutor_config", [])) if saved_config else []
         if missing or unexpected or shapes:
             fusion = any(c["layer"] == "AdapterFusion" for c in saved_config or []) and any(
                 ".adapters." in k for k in missing)
@@ -554,9 +576,9 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
                 f"adapter file {path} does not fit this {type(model).__name__} ({origin}). "
                 f"missing keys: {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
                 f"unexpected keys: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}; "
-                f"shape mismatches: {shapes[:5]}. Load it into the same base model, injected with the "
-                f"same targets and hyperparameters.")
-        differ = _config_differences(saved_config, getattr(model, "pefttutor_config", [])) if saved_config else []
+                f"shape mismatches: {shapes[:5]}. "
+                + (f"The file records: {'; '.join(differ[:5])}. " if differ else "")
+                + "Load it into the same base model, injected with the same targets and hyperparameters.")
         if differ:
             raise ValueError(f"adapter file {path} was made with other hyperparameters than this model's "
                              f"adapters: {'; '.join(differ[:5])}. The tensors fit, but the model would compute "
