@@ -40,7 +40,7 @@ from .inject import inject, save_adapter, trainable_parameters
 from .krona import KronALinear
 from .lora import LoRALinear
 from .memory import measure, storage_bytes
-from .prompts import ENCODER_TYPES
+from .prompts import ENCODER_TYPES, PrefixTuning, PromptTuning, PTuning
 from .train import accuracy, generation_scores, train
 
 STORE = pathlib.Path(__file__).parent / "results" / "bench.jsonl"
@@ -182,6 +182,25 @@ def _fusion(model, kind, bottleneck=8, sources=FUSION_SOURCES, task=None):
     paths = {t: source_adapter(name, t, bottleneck) for t in dict.fromkeys([*sources, *([task] if task else [])])}
     torch.random.set_rng_state(rng)
     fuse(model, paths, modules_to_save=task_heads(model, kind))
+
+
+def soft_prompt(layer_cls):
+    """``apply`` for a soft prompt (at the input embedding, ``targets="auto"``), the task head
+    trained in full."""
+    def apply(model, kind, **hparams):
+        inject(model, layer_cls, "auto", modules_to_save=task_heads(model, kind), **hparams)
+    return apply
+
+
+register("prompt", lrs=(3e-3, 1e-2, 3e-2, 1e-1), num_virtual_tokens=20, init="vocab", family="prompt",
+         about="prompt tuning: 20 vectors before the input, started at vocabulary embeddings"
+         )(soft_prompt(PromptTuning))
+register("ptuning", lrs=(1e-3, 3e-3, 1e-2, 3e-2), num_virtual_tokens=20, encoder="mlp", family="prompt",
+         about="P-tuning: 20 input vectors made by an MLP prompt encoder")(soft_prompt(PTuning))
+register("prefix", lrs=(1e-3, 3e-3, 1e-2, 3e-2), num_virtual_tokens=20, projection=True, family="prompt",
+         about="prefix tuning: 20 keys and values in every layer, through an MLP")(soft_prompt(PrefixTuning))
+register("ptuning-v2", lrs=(1e-3, 3e-3, 1e-2, 3e-2), num_virtual_tokens=20, projection=False, family="prompt",
+         about="P-tuning v2: 20 keys and values in every layer, trained directly")(soft_prompt(PrefixTuning))
 
 
 @register("qlora", lrs=(1e-3, 3e-3, 1e-2, 3e-2), r=8, alpha=16, targets="all-linear", blocksize=64,
