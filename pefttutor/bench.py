@@ -192,7 +192,8 @@ def soft_prompt(layer_cls):
     return apply
 
 
-register("prompt", lrs=(3e-3, 1e-2, 3e-2, 1e-1), num_virtual_tokens=20, init="vocab", family="prompt",
+register("prompt", lrs=(3e-3, 1e-2, 3e-2, 1e-1), num_virtual_tokens=20, init="vocab", init_ids=None,
+         family="prompt",
          about="prompt tuning: 20 vectors before the input, started at vocabulary embeddings"
          )(soft_prompt(PromptTuning))
 register("ptuning", lrs=(1e-3, 3e-3, 1e-2, 3e-2), num_virtual_tokens=20, encoder="mlp", family="prompt",
@@ -255,10 +256,10 @@ def _scores(model, tok, dd, info: data.Task, budget: Budget) -> dict:
             for s in ("validation", "test")}
 
 
-def _encode(dd, tok, info):
+def _encode(dd, tok, info, split="train"):
     if info.kind == "generation":
-        return data.encode_generation(dd["train"], tok)
-    return data.encode_classification(dd["train"], tok)
+        return data.encode_generation(dd[split], tok)
+    return data.encode_classification(dd[split], tok)
 
 
 def _memory_bytes(model, examples, pad_id, batch_size) -> int:
@@ -281,15 +282,18 @@ def run(method_name: str, task: str, seed: int = 0, lr: float | None = None, **k
 
 def fit(method_name: str, task: str, seed: int = 0, lr: float | None = None, *,
         model: str = "zoo-decoder", steps: int | None = None, batch_size: int | None = None,
-        sizes: dict | None = None, progress: bool | None = None, **hparams):
+        sizes: dict | None = None, train_split: str = "train", progress: bool | None = None, **hparams):
     """Fine-tune ``method_name`` on ``task`` from a fresh copy of ``model``; return the result
     record and the trained model.
 
     ``lr`` defaults to the middle of the method's sweep; ``hparams`` override the registry's
     defaults; ``steps`` and ``batch_size`` default to the task kind's :data:`BUDGETS`. The seed sets
     the new weights' initialisation and the order of the batches (the data are the same for
-    every seed)."""
+    every seed). ``train_split="few_shot"`` trains on the task's few-shot split (16 examples per
+    label) instead of the whole training split."""
     m = method(method_name)
+    if train_split not in ("train", "few_shot"):
+        raise ValueError(f"bench.run: train_split={train_split!r}: choose 'train' or 'few_shot'")
     info = data.task_info(task)
     checks.integer("seed", seed, low=0, who="bench.run ")
     unknown = sorted(set(hparams) - set(m.defaults))
@@ -311,7 +315,7 @@ def fit(method_name: str, task: str, seed: int = 0, lr: float | None = None, *,
     net, tok = _load_model(model, info)
     wants_task = "task" in inspect.signature(m.apply).parameters     # AdapterFusion fuses the target's adapter too
     m.apply(net, info.kind, **hp, **({"task": task} if wants_task else {}))
-    examples = _encode(dd, tok, info)
+    examples = _encode(dd, tok, info, train_split)
     count = trainable_parameters(net)
     memory = _memory_bytes(net, examples, tok.pad_token_id, batch_size)
     if count.trainable:
@@ -323,6 +327,7 @@ def fit(method_name: str, task: str, seed: int = 0, lr: float | None = None, *,
     every = max(1, steps // 50)
     record = {"model": model, "method": method_name, "task": task, "seed": seed, "lr": lr,
             "hparams": hp, "steps": steps, "batch_size": batch_size, "sizes": sizes,
+            **({"train_split": train_split} if train_split != "train" else {}),
             "metric": "slot accuracy" if info.kind == "generation" else "accuracy",
             "validation": scores["validation"], "test": scores["test"],
             "trainable": count.trainable, "total": count.total,
@@ -332,6 +337,7 @@ def fit(method_name: str, task: str, seed: int = 0, lr: float | None = None, *,
             "command": (f"pefttutor.bench.run({method_name!r}, {task!r}, seed={seed}, lr={lr!r}, "
                         f"model={model!r}, steps={steps}, batch_size={batch_size}"
                         + (f", sizes={sizes!r}" if sizes else "")
+                        + (f", train_split={train_split!r}" if train_split != "train" else "")
                         + "".join(f", {k}={v!r}" for k, v in hparams.items()) + ")"),
             "version": _version(), "torch": torch.__version__, "machine": _machine()}
     return record, net
@@ -372,28 +378,29 @@ def append(record: dict, path=None) -> None:
         f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
-def _config(records, model, name, task, hparams=None):
+def _config(records, model, name, task, hparams=None, train_split="train"):
     """The records of one configuration: model, method, task and hyperparameters (defaults unless
     ``hparams`` overrides some), the task's default budget and sizes, any seed and learning rate."""
     hp = json.dumps({**method(name).defaults, **(hparams or {})}, sort_keys=True)
     budget = BUDGETS[data.task_info(task).kind]
     return [r for r in records if (r["model"], r["method"], r["task"]) == (model, name, task)
             and json.dumps(r["hparams"], sort_keys=True) == hp and r["sizes"] is None
+            and r.get("train_split", "train") == train_split
             and (r["steps"], r["batch_size"]) == (budget.steps, budget.batch_size)]
 
 
 def best_lr(records: list[dict], method_name: str, task: str, model: str = "zoo-decoder",
-            hparams: dict | None = None, seed: int = SEEDS[0]):
+            hparams: dict | None = None, seed: int = SEEDS[0], train_split: str = "train"):
     """The learning rate with the best *validation* score on the sweep's seed (ties: the smaller
     rate); None when the store has no such sweep."""
-    first = [r for r in _config(records, model, method_name, task, hparams) if r["seed"] == seed]
+    first = [r for r in _config(records, model, method_name, task, hparams, train_split) if r["seed"] == seed]
     if not first:
         return None
     return max(first, key=lambda r: (r["validation"], -r["lr"]))["lr"]
 
 
 def sweep(methods, tasks, seeds=SEEDS, *, model: str = "zoo-decoder", hparams: dict | None = None,
-          path=None, progress: bool = True, log=print) -> list[dict]:
+          path=None, progress: bool = True, log=print, train_split: str = "train") -> list[dict]:
     """Fill the store: every method's learning rates on the first seed, then the other seeds at the
     rate that won on validation. ``hparams`` overrides defaults ({"lora": {"r": 4}}). Runs already
     in the store are skipped, so an interrupted sweep resumes where it stopped."""
@@ -405,12 +412,13 @@ def sweep(methods, tasks, seeds=SEEDS, *, model: str = "zoo-decoder", hparams: d
     todo += [(name, task, s, None) for task in tasks for name in methods for s in seeds[1:]]
     bar = tqdm(todo, desc="bench", disable=not progress)
     for name, task, seed, lr in bar:
-        done = _config(load(path), model, name, task, hparams.get(name))
-        lr = best_lr(done, name, task, model, hparams.get(name), seeds[0]) if lr is None else lr
+        done = _config(load(path), model, name, task, hparams.get(name), train_split)
+        lr = best_lr(done, name, task, model, hparams.get(name), seeds[0], train_split) if lr is None else lr
         bar.set_postfix_str(f"{name} {task} seed {seed} lr {lr:g}")
         if any((r["seed"], r["lr"]) == (seed, lr) for r in done):
             continue
-        record = run(name, task, seed, lr, model=model, progress=False, **hparams.get(name, {}))
+        record = run(name, task, seed, lr, model=model, progress=False, train_split=train_split,
+                     **hparams.get(name, {}))
         append(record, path)
         log(f"{name:8s} {task:11s} seed {seed} lr {lr:<6g} val {record['validation']:.3f} "
             f"test {record['test']:.3f} ({record['seconds']:.0f} s)")
@@ -421,7 +429,7 @@ def sweep(methods, tasks, seeds=SEEDS, *, model: str = "zoo-decoder", hparams: d
 # The table
 
 def table(records: list[dict], methods=None, tasks=None, model: str = "zoo-decoder",
-          hparams: dict | None = None) -> dict:
+          hparams: dict | None = None, train_split: str = "train") -> dict:
     """(method, task) -> mean and standard deviation of the test score over seeds at the learning
     rate chosen on validation, with the trainable parameters, step time and memory. ``hparams``
     picks a configuration other than the defaults ({"lora": {"r": 4}})."""
@@ -433,8 +441,8 @@ def table(records: list[dict], methods=None, tasks=None, model: str = "zoo-decod
     out = {}
     for name in methods:
         for task in tasks:
-            rows = _config(records, model, name, task, hparams.get(name))
-            lr = best_lr(rows, name, task, model, hparams.get(name))
+            rows = _config(records, model, name, task, hparams.get(name), train_split)
+            lr = best_lr(rows, name, task, model, hparams.get(name), train_split=train_split)
             rows = list({r["seed"]: r for r in rows if r["lr"] == lr}.values())   # one per seed
             if not rows:
                 continue
@@ -515,6 +523,8 @@ def main(argv=None):
         p.add_argument("--store", default=str(STORE), help="the JSON-lines results file")
         p.add_argument("--hparams", type=_json_object, default={},
                        help='JSON overriding the methods\' defaults, e.g. \'{"r": 4}\'')
+        p.add_argument("--train-split", default="train", choices=["train", "few_shot"],
+                       help="train on the whole training split or on the few-shot split")
         if name == "run":
             p.add_argument("--seeds", type=int, default=len(SEEDS), help="how many seeds (from 0)")
         if name == "plot":
@@ -526,9 +536,10 @@ def main(argv=None):
     if args.command == "run":
         start = time.perf_counter()
         sweep(args.methods, args.tasks, tuple(range(args.seeds)), model=args.model, path=args.store,
+              train_split=args.train_split,
               hparams=hparams)
         print(f"bench: {(time.perf_counter() - start) / 60:.1f} min")
-    tab = table(load(args.store), args.methods, args.tasks, args.model, hparams)
+    tab = table(load(args.store), args.methods, args.tasks, args.model, hparams, args.train_split)
     if not tab:
         print("no records for this model, methods and tasks: fill the store with "
               "python -m pefttutor.bench run (same options)")

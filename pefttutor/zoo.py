@@ -6,13 +6,16 @@ Two real ``transformers`` architectures, pretrained by the recipe below on the g
 :mod:`pefttutor.data`:
 
 * ``"zoo-decoder"``: a ``LlamaForCausalLM`` (3 layers, hidden size 128), next-token prediction;
+* ``"zoo-decoder-s"`` (2 layers, hidden size 64) and ``"zoo-decoder-l"`` (4 layers, hidden size 192):
+  the same decoder recipe at two more sizes, for experiments on scale;
 * ``"zoo-encoder"``: a ``BertForMaskedLM`` (3 layers, hidden size 128), masked-language modelling
   without next-sentence prediction, as RoBERTa was pretrained, plus the masked words predicted a
   second time from [CLS] (:class:`EncoderPretraining`; see the chapter for why);
 
 both with a byte-pair-encoding tokenizer trained with the ``tokenizers`` library. They are stored as
 safetensors under ``pefttutor/zoo_models`` and load with ``from_pretrained(path)`` like any Hub model.
-Rebuild them with ``python -m pefttutor.zoo build`` (deterministic on a given machine).
+Rebuild them with ``python -m pefttutor.zoo build`` and ``python -m pefttutor.zoo build-sizes``
+(deterministic on a given machine).
 
 Any other name (``"gpt2"``, ``"roberta-base"``, a local folder) goes to ``transformers``' Auto classes.
 """
@@ -35,7 +38,13 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 from .data import make_corpus, pad_rows
 
 ZOO_DIR = pathlib.Path(__file__).parent / "zoo_models"
-ZOO = {"zoo-decoder": ZOO_DIR / "decoder", "zoo-encoder": ZOO_DIR / "encoder"}
+ZOO = {"zoo-decoder": ZOO_DIR / "decoder", "zoo-encoder": ZOO_DIR / "encoder",
+       "zoo-decoder-s": ZOO_DIR / "decoder-s", "zoo-decoder-l": ZOO_DIR / "decoder-l"}
+# The decoder at three sizes, same recipe, corpus and tokenizer (the scale experiments of the soft-prompt
+# chapters): the configuration overrides of each size (hidden size, FFN width, layers).
+DECODER_SIZES = {"zoo-decoder-s": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2),
+                 "zoo-decoder": {},
+                 "zoo-decoder-l": dict(hidden_size=192, intermediate_size=384, num_hidden_layers=4)}
 VOCAB_SIZE = 1024
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"()[]{}<>=+-*/&%$#@|_~"  # tasks use [ ] = >
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>", "</s>"]
@@ -144,16 +153,17 @@ def _decoder_batch(examples, tok, gen):
 
 
 def pretrain(kind: str, tok, corpus: list[str], steps: int = 2000, batch_size: int = 32,
-             lr: float = 3e-3, seed: int = 0, log=print, history: list | None = None):
+             lr: float = 3e-3, seed: int = 0, log=print, history: list | None = None, **overrides):
     """Pretrain a zoo model from scratch: next-token prediction (decoder, as GPT), or masked
     language modelling without next-sentence prediction (encoder, as RoBERTa) plus the masked
     words predicted from [CLS] (:class:`EncoderPretraining`).
 
-    The loss of every step is appended to ``history`` when one is given."""
+    The loss of every step is appended to ``history`` when one is given; ``overrides`` change the
+    decoder's configuration (its size)."""
     torch.manual_seed(seed)
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     if kind == "decoder":
-        model = LlamaForCausalLM(decoder_config(tok))
+        model = LlamaForCausalLM(decoder_config(tok, **overrides))
         examples = [tok(d + " </s>", truncation=True, max_length=128)["input_ids"] for d in corpus]
         make_batch = _decoder_batch
     else:
@@ -193,6 +203,25 @@ def build(out_dir: pathlib.Path = ZOO_DIR, steps: int = 2000, n_docs: int = 3000
             tok = _wrap(bpe, kind)
             model = pretrain(kind, tok, corpus, steps=steps, log=log)
             path = pathlib.Path(out_dir) / kind
+            model.save_pretrained(path)
+            tok.save_pretrained(path)
+            log(f"saved {path}")
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+def build_sizes(out_dir: pathlib.Path = ZOO_DIR, steps: int = 2000, n_docs: int = 30000, log=print,
+                names=("zoo-decoder-s", "zoo-decoder-l")):
+    """The same recipe as :func:`build` for the decoder's other sizes (:data:`DECODER_SIZES`), with the
+    tokenizer ``build`` made (the recipe trains the same one; reading it saves the time)."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        corpus = make_corpus(n_docs=n_docs)
+        tok = AutoTokenizer.from_pretrained(pathlib.Path(out_dir) / "decoder")
+        for name in names:
+            model = pretrain("decoder", tok, corpus, steps=steps, log=log, **DECODER_SIZES[name])
+            path = pathlib.Path(out_dir) / ZOO[name].name
             model.save_pretrained(path)
             tok.save_pretrained(path)
             log(f"saved {path}")
@@ -262,11 +291,11 @@ def head_names(model) -> list[str]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Rebuild the zoo models from the generated corpus.")
-    parser.add_argument("command", choices=["build"])
+    parser.add_argument("command", choices=["build", "build-sizes"])
     parser.add_argument("--out", default=str(ZOO_DIR))
     parser.add_argument("--steps", type=int, default=2000)
     args = parser.parse_args(argv)
-    build(pathlib.Path(args.out), steps=args.steps)
+    (build if args.command == "build" else build_sizes)(pathlib.Path(args.out), steps=args.steps)
 
 
 if __name__ == "__main__":

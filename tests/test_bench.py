@@ -19,7 +19,7 @@ def test_registry_has_every_method_of_the_table():
 
 
 @pytest.mark.parametrize("name", ["head", "full", "lora", "krona", "fedpara", "qlora", "houlsby", "pfeiffer",
-                                  "parallel", "adapterdrop"])
+                                  "parallel", "adapterdrop", "prompt", "ptuning", "prefix", "ptuning-v2"])
 def test_run_returns_one_record(name):
     record = bench.run(name, "nli", seed=1, lr=1e-3, steps=2, batch_size=8, sizes=TINY, progress=False)
     assert (record["method"], record["task"], record["seed"], record["lr"]) == (name, "nli", 1, 1e-3)
@@ -38,6 +38,27 @@ def test_run_returns_one_record(name):
         assert record["trainable"] == head + 3 * per_layer[name] + (128 if name == "houlsby" else 0)
     if name == "full":
         assert record["trainable"] == sum(p.numel() for p in model.parameters())
+    mlp = 128 * 128 + 128                             # a Linear(128, 128) with its bias
+    prompts = {"prompt": 20 * 128,                    # p d
+               "ptuning": 20 * 128 + 3 * mlp,         # the inputs and the MLP encoder
+               "prefix": 20 * 128 + mlp + 128 * 768 + 768,   # P' and the MLP up to L 2 d = 768
+               "ptuning-v2": 20 * 3 * 2 * 128}        # p L 2 n_kv d_h
+    if name in prompts:
+        assert record["trainable"] == head + prompts[name]
+
+
+def test_few_shot_runs_are_their_own_configuration(tmp_path):
+    record = bench.run("lora", "nli", seed=0, lr=1e-3, steps=2, batch_size=8, sizes=TINY,
+                       train_split="few_shot", progress=False)
+    assert record["train_split"] == "few_shot" and "train_split='few_shot'" in record["command"]
+    record.update(sizes=None, steps=150, batch_size=32)       # as the default budget stores it
+    plain = {**record, "train_split": "train", "test": 0.25}
+    few = {**record, "test": 0.75}
+    tab = bench.table([plain, few], ["lora"], ["nli"])
+    assert tab[("lora", "nli")]["mean"] == 0.25
+    assert bench.table([plain, few], ["lora"], ["nli"], train_split="few_shot")[("lora", "nli")]["mean"] == 0.75
+    with pytest.raises(ValueError, match="train_split='dev': choose 'train' or 'few_shot'"):
+        bench.run("lora", "nli", train_split="dev")
 
 
 def test_fusion_trains_its_sources_once_and_fuses_the_target_too(tmp_path, monkeypatch):

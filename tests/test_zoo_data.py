@@ -99,7 +99,26 @@ def test_zoo_models_load_and_know_their_world():
 
 def test_zoo_weights_are_small():
     size = sum(p.stat().st_size for p in zoo.ZOO_DIR.rglob("*") if p.is_file())
-    assert size <= 10 * 2**20
+    assert size <= 16 * 2**20            # the encoder and the decoder at three sizes
+
+
+def test_decoder_sizes_share_the_recipe():
+    """zoo-decoder-s, zoo-decoder and zoo-decoder-l: the configurations of DECODER_SIZES, one
+    tokenizer, growing parameter counts, and all three pretrained (they know the world's text)."""
+    base_tok = zoo.load_tokenizer("zoo-decoder")
+    text = "the wild crown is an expensive restaurant in the city centre ."
+    counts = []
+    for name, overrides in zoo.DECODER_SIZES.items():
+        model, tok = zoo.load_decoder(name)
+        expected = zoo.decoder_config(tok, **overrides)
+        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            assert getattr(model.config, key) == getattr(expected, key)
+        assert tok.get_vocab() == base_tok.get_vocab()
+        ids = tok([text], return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            assert model(ids, labels=ids).loss.item() < 2.5
+        counts.append(sum(p.numel() for p in model.parameters()))
+    assert counts == sorted(counts) and counts[-1] > 2 * counts[1] > 4 * counts[0]
 
 
 def test_recipe_is_deterministic(tmp_path):
