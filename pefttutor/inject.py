@@ -457,10 +457,11 @@ def _check_mergeable(model: nn.Module, what: str):
             layers[fixed[0]].check_mergeable()
             reason = ""
         except ValueError as err:
-            reason = f" ({err})"
+            reason = f" {err}"
         raise ValueError(f"cannot {what}: {type(layers[fixed[0]]).__name__} at {fixed[:3]} "
-                         f"is not a weight update and cannot be folded into the base model{reason}. Merge "
-                         f"only models whose adapters are all weight-space layers (LoRA, KronA, FedPara).")
+                         f"is not a weight update and cannot be folded into the base model. Merge "
+                         f"only models whose adapters are all weight-space layers (LoRA, KronA, FedPara)."
+                         f"{reason}")
     for layer in layers.values():
         if not layer.merged:
             layer.check_mergeable()

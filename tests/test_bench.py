@@ -111,7 +111,7 @@ def _fake_run(calls):
     def run(name, task, seed=0, lr=None, **kw):
         calls.append((name, task, seed, lr))
         m = bench.method(name)
-        unknown = set(kw) - set(m.defaults) - {"model", "progress"}
+        unknown = set(kw) - set(m.defaults) - {"model", "progress", "train_split"}
         if unknown:                                                  # as bench.fit does
             raise TypeError(f"method {name!r} has no hyperparameter {unknown.pop()!r}")
         budget = bench.BUDGETS[data.task_info(task).kind]
@@ -120,7 +120,8 @@ def _fake_run(calls):
                 "lr": lr, "hparams": {**m.defaults, **{k: v for k, v in kw.items() if k in m.defaults}},
                 "steps": budget.steps, "batch_size": budget.batch_size, "sizes": None,
                 "metric": "accuracy", "validation": val, "test": val - 0.01 * seed,
-                "trainable": 10, "total": 100, "step_ms": 5.0, "memory_mb": 1.0, "seconds": 1.0}
+                "trainable": 10, "total": 100, "step_ms": 5.0, "memory_mb": 1.0, "seconds": 1.0,
+                **({"train_split": kw["train_split"]} if kw.get("train_split", "train") != "train" else {})}
     return run
 
 
@@ -182,11 +183,11 @@ def test_command_line_prints_the_table(tmp_path, monkeypatch, capsys):
 def test_the_store_holds_the_shared_table():
     records = bench.load()
     methods = ["head", "full", "lora", "krona", "fedpara", "qlora", "houlsby", "pfeiffer", "parallel", "fusion",
-               "adapterdrop"]
+               "adapterdrop", "prompt", "ptuning", "prefix", "ptuning-v2"]
     tab = bench.table(records, methods, data.SUITE)
     assert len(tab) == len(methods) * len(data.SUITE) and all(c["seeds"] == 3 for c in tab.values())
-    keys = [(r["model"], r["method"], r["task"], r["seed"], r["lr"], json.dumps(r["hparams"], sort_keys=True))
-            for r in records]
+    keys = [(r["model"], r["method"], r["task"], r["seed"], r["lr"], json.dumps(r["hparams"], sort_keys=True),
+             r.get("train_split", "train")) for r in records]
     assert len(keys) == len(set(keys))                                   # one record per run
     for name in methods:                                                 # every rate of every sweep
         for task in data.SUITE:
