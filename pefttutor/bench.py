@@ -40,7 +40,8 @@ from .inject import inject, save_adapter, trainable_parameters
 from .krona import KronALinear
 from .lora import LoRALinear
 from .memory import measure, storage_bytes
-from .prompts import ENCODER_TYPES, PrefixTuning, PromptTuning, PTuning
+from .prompts import (ENCODER_TYPES, Distillation, MultitaskPromptTuning, PrefixTuning, PromptTuning, PTuning,
+                      from_source)
 from .train import accuracy, generation_scores, train
 
 STORE = pathlib.Path(__file__).parent / "results" / "bench.jsonl"
@@ -202,6 +203,95 @@ register("prefix", lrs=(1e-3, 3e-3, 1e-2, 3e-2), num_virtual_tokens=20, projecti
          about="prefix tuning: 20 keys and values in every layer, through an MLP")(soft_prompt(PrefixTuning))
 register("ptuning-v2", lrs=(1e-3, 3e-3, 1e-2, 3e-2), num_virtual_tokens=20, projection=False, family="prompt",
          about="P-tuning v2: 20 keys and values in every layer, trained directly")(soft_prompt(PrefixTuning))
+
+
+# Multitask prompt tuning: the source stage (teachers, then one prompt distilled from them), cached
+
+MPT_SOURCES = ("reviews", "sentiment", "nli", "jobs", "knowledge", "restaurants")
+MPT_SHIPPED = pathlib.Path(__file__).parent / "results" / "mpt_sources"
+
+
+def text_to_text(task: str, tok, split: str = "train", task_id: int | None = None, sizes=None) -> list[dict]:
+    """A task as language modelling (the label's name after ``" =>"``; the generation task as it
+    is), each example tagged with ``task_id``: multitask prompt tuning's source data."""
+    info, dd = data.task_info(task), data.load_task(task, sizes=sizes)
+    if info.kind == "generation":
+        out = data.encode_generation(dd[split], tok)
+        return [{**e, "task_ids": task_id} for e in out] if task_id is not None else out
+    return data.encode_text_to_text(dd[split], tok, info.labels, task_id=task_id)
+
+
+def teacher_prompt(model_name: str, task: str, num_virtual_tokens: int = 20, steps: int = 300,
+                   lr: float = 3e-2, seed: int = 0, progress: bool | None = None):
+    """A source task's own prompt, trained alone by prompt tuning on the language-model form of
+    the task: the teacher that multitask prompt tuning distils from."""
+    torch.manual_seed(seed)
+    net, tok = zoo.load_decoder(model_name)
+    inject(net, PromptTuning, "auto", num_virtual_tokens=num_virtual_tokens)
+    history = train(net, text_to_text(task, tok), pad_id=tok.pad_token_id, steps=steps, batch_size=32,
+                    lr=lr, seed=seed, progress=progress, desc=f"teacher {task}")
+    return net, history
+
+
+def mpt_source(model_name: str = "zoo-decoder", sources=MPT_SOURCES, num_virtual_tokens: int = 20,
+               rank: int = 1, teacher_steps: int = 300, steps: int = 600, lr: float = 3e-2, lam: float = 1.0,
+               seed: int = 0, out=None, progress: bool | None = None) -> pathlib.Path:
+    """Multitask prompt tuning's source stage, run once and stored: a teacher prompt per source
+    task (:func:`teacher_prompt`), then one :class:`MultitaskPromptTuning` with a task vector pair
+    per source, trained on the mixture of the sources with the teachers' distillation
+    (:class:`pefttutor.prompts.Distillation`). Returns the path of its ``save_adapter`` file: the
+    package's own for the shipped defaults, else ``out`` or the cache (``PEFTTUTOR_CACHE``)."""
+    sources = list(sources)
+    unknown = [t for t in sources if t not in data.TASKS]
+    if len(sources) < 2 or unknown:
+        raise ValueError(f"mpt_source needs at least two source tasks from {sorted(data.TASKS)}; "
+                         f"got {sources}")
+    if is_encoder(model_name):
+        raise ValueError(f"mpt_source trains the language-model form of the source tasks, which needs a "
+                         f"decoder; {model_name!r} is an encoder (use zoo-decoder or a Hub decoder)")
+    settings = dict(sources=sources, num_virtual_tokens=num_virtual_tokens, rank=rank,
+                    teacher_steps=teacher_steps, steps=steps, lr=lr, lam=lam, seed=seed)
+    import hashlib
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(model_name)).strip("_")[-60:]
+    name = f"{safe}-{key}.safetensors"
+    cache = pathlib.Path(os.environ.get("PEFTTUTOR_CACHE", pathlib.Path.home() / ".cache" / "pefttutor"))
+    for place in ([pathlib.Path(out)] if out else []) + [MPT_SHIPPED, cache / "mpt_sources"]:
+        if (place / name).exists():
+            return place / name
+    rng = torch.random.get_rng_state()           # the source stage must not change the caller's seed
+    start = time.perf_counter()
+    teachers = [teacher_prompt(model_name, t, num_virtual_tokens, teacher_steps, lr, seed, progress)[0]
+                for t in sources]
+    teacher_seconds = time.perf_counter() - start
+    torch.manual_seed(seed)
+    net, tok = zoo.load_decoder(model_name)
+    inject(net, MultitaskPromptTuning, "auto", num_virtual_tokens=num_virtual_tokens,
+           num_tasks=len(sources), rank=rank)
+    mixture = [e for k, t in enumerate(sources) for e in text_to_text(t, tok, task_id=k)]
+    history = train(net, mixture, pad_id=tok.pad_token_id, steps=steps, batch_size=32, lr=lr, seed=seed,
+                    progress=progress, desc="multitask source", loss_fn=Distillation(teachers, lam))
+    torch.random.set_rng_state(rng)
+    path = pathlib.Path(out or cache / "mpt_sources") / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_adapter(net, path)
+    path.with_suffix(".json").write_text(json.dumps(
+        {**settings, "model": model_name, "loss": [round(v, 5) for v in history["loss"]],
+         "seconds": history["seconds"], "teacher_seconds": teacher_seconds, "version": _version(), "torch": torch.__version__,
+         "machine": _machine()}, indent=1))
+    return path
+
+
+@register("mpt", lrs=(3e-3, 1e-2, 3e-2, 1e-1), num_virtual_tokens=20, rank=1, sources=list(MPT_SOURCES),
+          family="prompt",
+          about="multitask prompt tuning: starts from a prompt distilled from six tasks")
+def _mpt(model, kind, num_virtual_tokens=20, rank=1, sources=MPT_SOURCES):
+    name = getattr(model, "name_or_path", "") or "zoo-decoder"
+    name = next((k for k, v in zoo.ZOO.items() if str(v) == str(name)), name)
+    path = mpt_source(name, sources, num_virtual_tokens, rank)
+    inject(model, MultitaskPromptTuning, "auto", modules_to_save=task_heads(model, kind),
+           num_virtual_tokens=num_virtual_tokens, rank=rank)
+    from_source(model, path, "average")
 
 
 @register("qlora", lrs=(1e-3, 3e-3, 1e-2, 3e-2), r=8, alpha=16, targets="all-linear", blocksize=64,
@@ -513,6 +603,12 @@ def main(argv=None):
         prog="python -m pefttutor.bench",
         description="Fine-tune methods on the task suite, store one record per run, print the table.")
     sub = parser.add_subparsers(dest="command", required=True)
+    src = sub.add_parser("mpt-source", help="build multitask prompt tuning's source prompt (teachers, then "
+                                            "the distilled multitask prompt) and print where it is")
+    src.add_argument("--model", default="zoo-decoder")
+    src.add_argument("--sources", nargs="+", default=list(MPT_SOURCES), choices=sorted(data.TASKS),
+                     metavar="TASK")
+    src.add_argument("--out", default=None, help="a folder (default: the cache, PEFTTUTOR_CACHE)")
     for name in ("run", "table", "plot"):
         p = sub.add_parser(name)
         p.add_argument("--methods", nargs="+", default=["head", "full", "lora", "krona", "fedpara", "qlora"],
@@ -530,6 +626,9 @@ def main(argv=None):
         if name == "plot":
             p.add_argument("--out", default="bench.png")
     args = parser.parse_args(argv)
+    if args.command == "mpt-source":
+        print(mpt_source(args.model, args.sources, out=args.out))
+        return
     hparams = _per_method(args.hparams, args.methods, parser)
     if args.command == "run" and args.seeds < 1:
         parser.error("--seeds must be at least 1")

@@ -639,6 +639,29 @@ def encode_generation(split, tok, max_length: int = 128) -> list[dict]:
     return out
 
 
+def encode_text_to_text(split, tok, labels: list[str], max_length: int = 128,
+                        task_id: int | None = None) -> list[dict]:
+    """A classification split as language modelling, the way T5 sees every task: ``"<text> =>"``
+    (a pair: ``"<premise> <hypothesis> =>"``) then the label's name and EOS, the loss on the name
+    only. ``task_id`` tags every example (multitask prompt tuning's ``task_ids``)."""
+    if "label" not in split.column_names:
+        raise ValueError("encode_text_to_text takes a classification split (with a label column); a "
+                         "generation split is already text to text: use encode_generation")
+    texts = ([f"{p} {h}" for p, h in zip(split["premise"], split["hypothesis"])]
+             if "premise" in split.column_names else list(split["text"]))
+    words = [tok(" " + w, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for w in labels]
+    out = []
+    for text, y in zip(texts, split["label"]):
+        prompt = tok(PROMPT.format(mr=text))["input_ids"]
+        if len(prompt) + len(words[y]) > max_length:     # shorten the text, keep " =>" and the label
+            arrow = tok(PROMPT.format(mr=""), add_special_tokens=False)["input_ids"]
+            prompt = prompt[:max_length - len(words[y]) - len(arrow)] + arrow
+        out.append({"input_ids": prompt + words[y], "labels": [-100] * len(prompt) + words[y]})
+        if task_id is not None:
+            out[-1]["task_ids"] = task_id
+    return out
+
+
 def pad_rows(rows: list[list[int]], value: int):
     """Right-pad lists of ids with ``value`` into one (len(rows), longest) tensor."""
     import torch
@@ -657,7 +680,10 @@ def collate(examples: list[dict], pad_id: int) -> dict:
         labels = torch.tensor([e["labels"] for e in examples])
     else:
         labels = pad_rows([e["labels"] for e in examples], -100)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if "task_ids" in examples[0]:             # multitask prompt tuning: each row's task
+        batch["task_ids"] = torch.tensor([e["task_ids"] for e in examples])
+    return batch
 
 
 def slot_score(mr: str, text: str) -> tuple[int, int]:

@@ -16,7 +16,9 @@ STYLE = {"figure.figsize": (7, 3.6), "font.size": 11, "axes.titlesize": 12, "axe
 # One colour per method, the same in every chapter's figure (baselines in greys).
 METHOD_COLORS = {"head": "#9e9e9e", "full": "#424242", "lora": "#1f77b4", "krona": "#ff7f0e",
                  "fedpara": "#2ca02c", "qlora": "#d62728", "houlsby": "#9467bd", "pfeiffer": "#8c564b",
-                 "parallel": "#e377c2", "fusion": "#17becf", "adapterdrop": "#bcbd22"}
+                 "parallel": "#e377c2", "fusion": "#17becf", "adapterdrop": "#bcbd22",
+                 "prompt": "#fd8d3c", "ptuning": "#74c476", "prefix": "#6baed6", "ptuning-v2": "#9e9ac8",
+                 "mpt": "#a6761d"}
 _SPARE = ["#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94"]
 
 

@@ -480,6 +480,117 @@ class MultitaskPromptTuning(SoftPrompt):
         return self.embedding.weight.unsqueeze(0) * scale
 
 
+SOURCE_INITS = ("average", "exact", "shared")
+
+
+def _source_tensors(source) -> dict:
+    """The shared prompt and the task factors of a source multitask prompt: from a model that
+    carries one, a file written by ``save_adapter``, or a dict (pefttutor's or peft's keys)."""
+    if isinstance(source, nn.Module):
+        prompt = _prompt_of(source) if hasattr(source, "pefttutor_prompt") else None
+        if not isinstance(prompt, MultitaskPromptTuning):
+            raise ValueError(f"the source {type(source).__name__} carries no MultitaskPromptTuning")
+        return {"shared": prompt.embedding.weight, "cols": prompt.prefix_task_cols,
+                "rows": prompt.prefix_task_rows}
+    if not isinstance(source, dict):
+        from safetensors.torch import load_file
+        source = load_file(str(source))
+    found = {}
+    for key, value in source.items():
+        for short, ends in (("shared", ("embedding.weight", "prompt_embeddings")),
+                            ("cols", ("prefix_task_cols",)), ("rows", ("prefix_task_rows",))):
+            if key.endswith(ends):
+                found[short] = value
+    if set(found) != {"shared", "cols", "rows"}:
+        raise ValueError(f"the source holds no multitask prompt (a shared prompt, prefix_task_cols and "
+                         f"prefix_task_rows); its keys are {sorted(source)[:6]}")
+    return found
+
+
+def from_source(model: nn.Module, source, how: str = "average", task: int | None = None) -> nn.Module:
+    """Multitask prompt tuning's target adaptation: start the model's :class:`MultitaskPromptTuning`
+    from a prompt trained on source tasks.
+
+    ``how="average"`` copies the shared prompt and the *average* of the source tasks' vectors
+    u_k and v_k (averaged separately, as the paper and peft's ``AVERAGE_SOURCE_TASKS`` do);
+    ``"exact"`` copies source task ``task``'s vectors; ``"shared"`` copies the shared prompt only.
+    Every task of the target gets the same start. ``source``: a model with a multitask prompt, a
+    file from ``save_adapter``, or a state dict (peft's keys work too)."""
+    if how not in SOURCE_INITS:
+        raise ValueError(f"how={how!r}: choose 'average' (the paper's), 'exact' (one source task, "
+                         "with task=k) or 'shared' (the shared prompt only)")
+    prompt = _prompt_of(model) if hasattr(model, "pefttutor_prompt") else None
+    if not isinstance(prompt, MultitaskPromptTuning):
+        raise ValueError("from_source starts a MultitaskPromptTuning; inject one first: "
+                         "inject(model, MultitaskPromptTuning, 'auto', num_virtual_tokens=..., rank=...)")
+    src = _source_tensors(source)
+    n_src = src["cols"].shape[0]
+    want = {"shared": tuple(prompt.embedding.weight.shape), "cols": tuple(prompt.prefix_task_cols.shape[1:]),
+            "rows": tuple(prompt.prefix_task_rows.shape[1:])}
+    have = {"shared": tuple(src["shared"].shape), "cols": tuple(src["cols"].shape[1:]),
+            "rows": tuple(src["rows"].shape[1:])}
+    if want != have:
+        raise ValueError(f"the source prompt does not fit this one: source shared prompt {have['shared']}, "
+                         f"task vectors {have['cols']} and {have['rows']}; this model's {want['shared']}, "
+                         f"{want['cols']} and {want['rows']}. Inject with the source's num_virtual_tokens "
+                         f"and rank, into a model with the same embedding width.")
+    if how == "exact":
+        if task is None or not isinstance(task, int) or not 0 <= task < n_src:
+            raise ValueError(f"how='exact' copies one source task: pass task=k with k in [0, {n_src})")
+    elif task is not None:
+        raise ValueError(f"task={task} goes with how='exact'")
+    with torch.no_grad():
+        prompt.embedding.weight.copy_(src["shared"])
+        if how != "shared":
+            pick = (lambda t: t[task]) if how == "exact" else (lambda t: t.float().mean(0))
+            prompt.prefix_task_cols.copy_(pick(src["cols"]).expand_as(prompt.prefix_task_cols))
+            prompt.prefix_task_rows.copy_(pick(src["rows"]).expand_as(prompt.prefix_task_rows))
+    return model
+
+
+class Distillation:
+    """Multitask prompt tuning's source-training loss, a ``loss_fn`` for :func:`pefttutor.train`:
+
+        L = L_LM(student) + lam * (KL(teacher || student) + MSE(h_student, h_teacher))
+
+    The student is the model with a :class:`MultitaskPromptTuning` (a batch's ``task_ids`` choose
+    each row's task); ``teachers[k]`` is the same base model with source task k's own prompt
+    (trained alone, by conventional prompt tuning). The KL is taken at the positions that predict
+    the labels; the hidden states compared are the last layer's over the real input tokens."""
+
+    def __init__(self, teachers: list, lam: float = 1.0):
+        if not teachers:
+            raise ValueError("Distillation needs one teacher model per source task")
+        self.teachers = list(teachers)
+        self.lam = checks.real("lam", lam, low=0, who="Distillation ")
+        self.last = {}
+
+    def __call__(self, model, batch: dict) -> torch.Tensor:
+        import torch.nn.functional as F
+        task_ids = batch["task_ids"]
+        student = model(**batch, output_hidden_states=True)
+        p = _prompt_of(model).num_virtual_tokens
+        logits, hidden = student.logits[:, p:], student.hidden_states[-1][:, p:]
+        t_logits, t_hidden = torch.empty_like(logits), torch.empty_like(hidden)
+        with torch.no_grad():
+            for k in task_ids.unique().tolist():
+                if not 0 <= k < len(self.teachers):
+                    raise ValueError(f"task id {k} has no teacher: {len(self.teachers)} teachers were given")
+                rows = task_ids == k
+                teacher = self.teachers[k]
+                q = _prompt_of(teacher).num_virtual_tokens
+                out = teacher(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows],
+                              output_hidden_states=True)
+                t_logits[rows], t_hidden[rows] = out.logits[:, q:], out.hidden_states[-1][:, q:]
+        at = batch["labels"][:, 1:] != -100                      # positions that predict a label token
+        kl = F.kl_div(F.log_softmax(logits[:, :-1][at], -1), F.log_softmax(t_logits[:, :-1][at], -1),
+                      log_target=True, reduction="batchmean")
+        real = batch["attention_mask"].bool()
+        mse = F.mse_loss(hidden[real], t_hidden[real])
+        self.last = {"lm": student.loss.item(), "kl": kl.item(), "mse": mse.item()}
+        return student.loss + self.lam * (kl + mse)
+
+
 def bake(model: nn.Module) -> nn.Module:
     """Replace a prompt encoder (P-tuning) or a prefix's MLP (prefix tuning with projection) by the
     vectors it produces, as the papers do after training: the model computes the same, and the saved

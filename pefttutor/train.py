@@ -43,12 +43,13 @@ def _to(batch, device):
 def train(model, data, *, pad_id: int, steps: int = 200, batch_size: int = 32, lr: float = 1e-3,
           weight_decay: float = 0.0, warmup: float = 0.1, clip: float = 1.0, evaluate=None,
           eval_every: int | None = None, seed: int = 0, device=None, precision: str = "auto",
-          progress: bool | None = None, desc: str = "train") -> dict:
+          progress: bool | None = None, desc: str = "train", loss_fn=None) -> dict:
     """Train the model's trainable parameters on encoded examples (see :mod:`pefttutor.data`).
 
     AdamW, linear warm-up over ``warmup`` of the steps then linear decay to zero, gradient
     clipping, mixed precision on CUDA. ``evaluate(model) -> dict`` runs every ``eval_every``
-    steps and at the end. Returns the history: losses per step, evaluations, seconds.
+    steps and at the end. ``loss_fn(model, batch) -> loss`` replaces the model's own loss (a
+    distillation loss, say). Returns the history: losses per step, evaluations, seconds.
     """
     steps = checks.integer("steps", steps, low=1, who="train ")
     batch_size = checks.integer("batch_size", batch_size, low=1, who="train ")
@@ -85,7 +86,8 @@ def train(model, data, *, pad_id: int, steps: int = 200, batch_size: int = 32, l
     bar = tqdm(range(1, steps + 1), desc=desc, disable=not progress, mininterval=0.5)
     for step in bar:
         with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
-            loss = model(**_to(next(batches), device)).loss
+            batch = _to(next(batches), device)
+            loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
             loss = loss + regularization(model) if regularized else loss
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
@@ -124,6 +126,47 @@ def accuracy(model, data, pad_id: int, batch_size: int = 256) -> float:
         labels = batch.pop("labels")
         correct += (model(**batch).logits.argmax(-1) == labels).sum().item()
     return correct / len(data)
+
+
+@torch.no_grad()
+def choice_scores(model, examples: list[list[dict]], pad_id: int, normalize: bool = False,
+                  batch_size: int = 256) -> list[list[float]]:
+    """Log-likelihood of each answer choice: ``examples[i][c]`` is example i encoded with choice c
+    (language-model form, the choice's tokens labelled, the rest -100). The score is the sum of the
+    choice's token log-probabilities, or their mean with ``normalize`` (T-Few's length
+    normalisation)."""
+    model.eval()
+    device = next(model.parameters()).device
+    flat = [c for e in examples for c in e]
+    scores = []
+    for i in range(0, len(flat), batch_size):
+        batch = _to(collate(flat[i:i + batch_size], pad_id), device)
+        labels = batch.pop("labels")
+        logits = model(**batch).logits[:, -labels.shape[1]:].float()   # a prompt's positions come first
+        target = labels[:, 1:]
+        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
+        keep = target != -100
+        total = (logp * keep).sum(1)
+        scores += (total / keep.sum(1) if normalize else total).tolist()
+    out, k = [], 0
+    for e in examples:
+        out.append(scores[k:k + len(e)])
+        k += len(e)
+    return out
+
+
+def rank_accuracy(model, tok, split, labels: list[str], normalize: bool = False, task_id=None) -> float:
+    """Rank classification: the share of examples whose true label is the most likely answer
+    choice (each label's name after ``" =>"``, as :func:`pefttutor.data.encode_text_to_text`)."""
+    from datasets import Dataset
+    from .data import encode_text_to_text
+    gold = list(split["label"])
+    columns = {k: list(split[k]) for k in split.column_names if k != "label"}
+    per_label = [encode_text_to_text(Dataset.from_dict({**columns, "label": [c] * len(gold)}), tok, labels,
+                                     task_id=task_id) for c in range(len(labels))]
+    examples = [[per_label[c][i] for c in range(len(labels))] for i in range(len(gold))]
+    scores = choice_scores(model, examples, tok.pad_token_id, normalize)
+    return sum(max(range(len(s)), key=s.__getitem__) == y for s, y in zip(scores, gold)) / len(gold)
 
 
 @torch.no_grad()

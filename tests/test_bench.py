@@ -19,7 +19,7 @@ def test_registry_has_every_method_of_the_table():
 
 
 @pytest.mark.parametrize("name", ["head", "full", "lora", "krona", "fedpara", "qlora", "houlsby", "pfeiffer",
-                                  "parallel", "adapterdrop", "prompt", "ptuning", "prefix", "ptuning-v2"])
+                                  "parallel", "adapterdrop", "prompt", "ptuning", "prefix", "ptuning-v2", "mpt"])
 def test_run_returns_one_record(name):
     record = bench.run(name, "nli", seed=1, lr=1e-3, steps=2, batch_size=8, sizes=TINY, progress=False)
     assert (record["method"], record["task"], record["seed"], record["lr"]) == (name, "nli", 1, 1e-3)
@@ -42,7 +42,8 @@ def test_run_returns_one_record(name):
     prompts = {"prompt": 20 * 128,                    # p d
                "ptuning": 20 * 128 + 3 * mlp,         # the inputs and the MLP encoder
                "prefix": 20 * 128 + mlp + 128 * 768 + 768,   # P' and the MLP up to L 2 d = 768
-               "ptuning-v2": 20 * 3 * 2 * 128}        # p L 2 n_kv d_h
+               "ptuning-v2": 20 * 3 * 2 * 128,        # p L 2 n_kv d_h
+               "mpt": 20 * 128 + 20 + 128}            # P*, u, v
     if name in prompts:
         assert record["trainable"] == head + prompts[name]
 
@@ -183,7 +184,7 @@ def test_command_line_prints_the_table(tmp_path, monkeypatch, capsys):
 def test_the_store_holds_the_shared_table():
     records = bench.load()
     methods = ["head", "full", "lora", "krona", "fedpara", "qlora", "houlsby", "pfeiffer", "parallel", "fusion",
-               "adapterdrop", "prompt", "ptuning", "prefix", "ptuning-v2"]
+               "adapterdrop", "prompt", "ptuning", "prefix", "ptuning-v2", "mpt"]
     tab = bench.table(records, methods, data.SUITE)
     assert len(tab) == len(methods) * len(data.SUITE) and all(c["seeds"] == 3 for c in tab.values())
     keys = [(r["model"], r["method"], r["task"], r["seed"], r["lr"], json.dumps(r["hparams"], sort_keys=True),
