@@ -160,12 +160,25 @@ def _adapterdrop(model, kind, bottleneck=8, drop=1):
 FUSION_SOURCES = ("reviews", "sentiment", "nli", "jobs", "knowledge")
 
 
+def _cache(cache=None) -> pathlib.Path:
+    """Where trained source stages are kept: ``cache``, else ``PEFTTUTOR_CACHE``, else ~/.cache/pefttutor."""
+    return pathlib.Path(cache or os.environ.get("PEFTTUTOR_CACHE", pathlib.Path.home() / ".cache" / "pefttutor"))
+
+
+def _file_safe(model_name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(model_name)).strip("_")[-60:]
+
+
+def _model_name(model) -> str:
+    """The bench's name of a loaded model: a zoo name for the zoo's folders, else its Hub name or path."""
+    name = getattr(model, "name_or_path", "") or "zoo-decoder"
+    return next((k for k, v in zoo.ZOO.items() if str(v) == str(name)), name)
+
+
 def source_adapter(model_name: str, task: str, bottleneck: int = 8, cache=None) -> pathlib.Path:
     """The Pfeiffer adapter of ``task`` (seed 0, the bench's best rate on validation, or the middle
     rate), trained once and cached as a safetensors file: AdapterFusion's stage 1."""
-    cache = pathlib.Path(cache or os.environ.get("PEFTTUTOR_CACHE", pathlib.Path.home() / ".cache" / "pefttutor"))
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(model_name)).strip("_")[-60:]
-    path = cache / "fusion_sources" / f"{safe}-{task}-pfeiffer-m{bottleneck}.safetensors"
+    path = _cache(cache) / "fusion_sources" / f"{_file_safe(model_name)}-{task}-pfeiffer-m{bottleneck}.safetensors"
     if not path.exists():
         lr = best_lr(load(), "pfeiffer", task, model_name) if model_name in zoo.ZOO else None
         _, net = fit("pfeiffer", task, seed=0, lr=lr, model=model_name, bottleneck=bottleneck, progress=False)
@@ -177,8 +190,7 @@ def source_adapter(model_name: str, task: str, bottleneck: int = 8, cache=None) 
 @register("fusion", lrs=(1e-3, 3e-3, 1e-2, 3e-2), bottleneck=8, sources=list(FUSION_SOURCES), family="adapter",
           about="AdapterFusion of the sources' and the target's Pfeiffer adapters")
 def _fusion(model, kind, bottleneck=8, sources=FUSION_SOURCES, task=None):
-    name = getattr(model, "name_or_path", "") or "zoo-decoder"
-    name = next((k for k, v in zoo.ZOO.items() if str(v) == str(name)), name)
+    name = _model_name(model)
     rng = torch.random.get_rng_state()           # training the sources must not change this run's seed
     paths = {t: source_adapter(name, t, bottleneck) for t in dict.fromkeys([*sources, *([task] if task else [])])}
     torch.random.set_rng_state(rng)
@@ -253,9 +265,8 @@ def mpt_source(model_name: str = "zoo-decoder", sources=MPT_SOURCES, num_virtual
                     teacher_steps=teacher_steps, steps=steps, lr=lr, lam=lam, seed=seed)
     import hashlib
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(model_name)).strip("_")[-60:]
-    name = f"{safe}-{key}.safetensors"
-    cache = pathlib.Path(os.environ.get("PEFTTUTOR_CACHE", pathlib.Path.home() / ".cache" / "pefttutor"))
+    name = f"{_file_safe(model_name)}-{key}.safetensors"
+    cache = _cache()
     for place in ([pathlib.Path(out)] if out else []) + [MPT_SHIPPED, cache / "mpt_sources"]:
         if (place / name).exists():
             return place / name
@@ -277,8 +288,8 @@ def mpt_source(model_name: str = "zoo-decoder", sources=MPT_SOURCES, num_virtual
     save_adapter(net, path)
     path.with_suffix(".json").write_text(json.dumps(
         {**settings, "model": model_name, "loss": [round(v, 5) for v in history["loss"]],
-         "seconds": history["seconds"], "teacher_seconds": teacher_seconds, "version": _version(), "torch": torch.__version__,
-         "machine": _machine()}, indent=1))
+         "seconds": history["seconds"], "teacher_seconds": teacher_seconds, "version": _version(),
+         "torch": torch.__version__, "machine": _machine()}, indent=1))
     return path
 
 
@@ -286,8 +297,7 @@ def mpt_source(model_name: str = "zoo-decoder", sources=MPT_SOURCES, num_virtual
           family="prompt",
           about="multitask prompt tuning: starts from a prompt distilled from six tasks")
 def _mpt(model, kind, num_virtual_tokens=20, rank=1, sources=MPT_SOURCES):
-    name = getattr(model, "name_or_path", "") or "zoo-decoder"
-    name = next((k for k, v in zoo.ZOO.items() if str(v) == str(name)), name)
+    name = _model_name(model)
     path = mpt_source(name, sources, num_virtual_tokens, rank)
     inject(model, MultitaskPromptTuning, "auto", modules_to_save=task_heads(model, kind),
            num_virtual_tokens=num_virtual_tokens, rank=rank)

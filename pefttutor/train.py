@@ -155,15 +155,15 @@ def choice_scores(model, examples: list[list[dict]], pad_id: int, normalize: boo
     return out
 
 
-def rank_accuracy(model, tok, split, labels: list[str], normalize: bool = False, task_id=None) -> float:
+def rank_accuracy(model, tok, split, labels: list[str], normalize: bool = False) -> float:
     """Rank classification: the share of examples whose true label is the most likely answer
     choice (each label's name after ``" =>"``, as :func:`pefttutor.data.encode_text_to_text`)."""
     from datasets import Dataset
     from .data import encode_text_to_text
     gold = list(split["label"])
     columns = {k: list(split[k]) for k in split.column_names if k != "label"}
-    per_label = [encode_text_to_text(Dataset.from_dict({**columns, "label": [c] * len(gold)}), tok, labels,
-                                     task_id=task_id) for c in range(len(labels))]
+    per_label = [encode_text_to_text(Dataset.from_dict({**columns, "label": [c] * len(gold)}), tok, labels)
+                 for c in range(len(labels))]
     examples = [[per_label[c][i] for c in range(len(labels))] for i in range(len(gold))]
     scores = choice_scores(model, examples, tok.pad_token_id, normalize)
     return sum(max(range(len(s)), key=s.__getitem__) == y for s, y in zip(scores, gold)) / len(gold)
