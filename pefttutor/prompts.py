@@ -21,6 +21,7 @@ only shift their positions by p.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 
 import torch
@@ -108,6 +109,17 @@ def prefix_cache(pairs, cache=None, frozen: bool = False):
 
 # ---------------------------------------------------------------------------------------------
 # The hooks that add the virtual tokens to a call
+
+def _cache_key(model, kw: dict) -> str:
+    """The keyword a call carries its key-value cache in: ``past_key_values`` up to transformers
+    5.23, ``cache`` from 5.24 (which still accepts the old name, but ignores it when both are
+    given). Use the one the call already has, else the one the model's forward names."""
+    for key in ("cache", "past_key_values"):
+        if kw.get(key) is not None:
+            return key
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
+
 
 def _prompt_of(model) -> "SoftPrompt":
     return model.get_submodule(model.pefttutor_prompt)
@@ -245,9 +257,13 @@ class SoftPrompt(AdapterModule):
             raise ValueError("a model with a soft prompt needs input_ids or inputs_embeds")
         batch, length = x.shape[:2]
         p = self.num_virtual_tokens
-        cache = kw.get("past_key_values")
+        cache_key = _cache_key(model, kw)
+        other = "past_key_values" if cache_key == "cache" else "cache"
+        if other in kw and kw[other] is None:
+            del kw[other]
+        cache = kw.get(cache_key)
         if cache is not None and not hasattr(cache, "get_seq_length"):
-            raise TypeError("soft prompts need transformers' Cache objects for past_key_values, not tuples")
+            raise TypeError(f"soft prompts need transformers' Cache objects for {cache_key}, not tuples")
         past = cache.get_seq_length() if cache is not None else 0
         first = past == 0
         if self.positions and p + past + length > self.positions:
@@ -268,7 +284,7 @@ class SoftPrompt(AdapterModule):
                     kw[key] = kw[key] + p
             if self.deep and first:
                 frozen = model.training and cache is None
-                kw["past_key_values"] = prefix_cache(self.pairs(batch, dtype=x.dtype if ids is None
+                kw[cache_key] = prefix_cache(self.pairs(batch, dtype=x.dtype if ids is None
                                                                 else self.weight.dtype),
                                                      cache, frozen=frozen)
             return kw
