@@ -3,9 +3,12 @@
 The package behind the book: every layer here is derived in a chapter and tested against the
 reference library (peft, bitsandbytes, adapters) on the same weights.
 """
+from .adalora import AdaLoRALinear, RankAllocator
 from .adapters import (AdapterFusion, HoulsbyAdapter, ParallelAdapter, PfeifferAdapter, RobustAdapterDrop,
                        drop_adapters, fuse, prune_fusion)
+from .bitfit import BitFit
 from .fedpara import FedParaLinear, HadamardLinear
+from .ia3 import IA3Linear, inject_ia3
 from .inject import (AdapterLayer, AdapterModule, ParameterCount, adapter_layers, adapter_state, find_targets, inject,
                      linear_names, load_adapter, merge, save_adapter, trainable_parameters, unload,
                      unmerge)
@@ -15,9 +18,9 @@ from .prompts import MultitaskPromptTuning, PrefixTuning, PromptTuning, PTuning
 
 __version__ = "0.1.0"
 
-__all__ = ["AdapterFusion", "AdapterLayer", "AdapterModule", "FedParaLinear", "HadamardLinear", "HoulsbyAdapter",
-           "KronABlock", "KronALinear", "LoRALinear", "MultitaskPromptTuning", "ParallelAdapter", "PrefixTuning",
-           "PromptTuning", "PTuning", "ParameterCount", "PfeifferAdapter",
-           "RobustAdapterDrop", "adapter_layers", "adapter_state", "drop_adapters", "find_targets", "fuse",
-           "inject", "linear_names", "load_adapter", "merge", "prune_fusion", "save_adapter",
-           "trainable_parameters", "unload", "unmerge"]
+__all__ = ["AdaLoRALinear", "AdapterFusion", "AdapterLayer", "AdapterModule", "BitFit", "FedParaLinear",
+           "HadamardLinear", "HoulsbyAdapter", "IA3Linear", "KronABlock", "KronALinear", "LoRALinear",
+           "MultitaskPromptTuning", "ParallelAdapter", "PrefixTuning", "PromptTuning", "PTuning", "ParameterCount",
+           "PfeifferAdapter", "RankAllocator", "RobustAdapterDrop", "adapter_layers", "adapter_state",
+           "drop_adapters", "find_targets", "fuse", "inject", "inject_ia3", "linear_names", "load_adapter",
+           "merge", "prune_fusion", "save_adapter", "trainable_parameters", "unload", "unmerge"]

@@ -49,7 +49,9 @@ def train(model, data, *, pad_id: int, steps: int = 200, batch_size: int = 32, l
     AdamW, linear warm-up over ``warmup`` of the steps then linear decay to zero, gradient
     clipping, mixed precision on CUDA. ``evaluate(model) -> dict`` runs every ``eval_every``
     steps and at the end. ``loss_fn(model, batch) -> loss`` replaces the model's own loss (a
-    distillation loss, say). Returns the history: losses per step, evaluations, seconds.
+    distillation loss, say). A model with AdaLoRA's ``RankAllocator`` gets its orthogonality loss
+    added and the allocator called after every step. Returns the history: losses per step,
+    evaluations, seconds.
     """
     steps = checks.integer("steps", steps, low=1, who="train ")
     batch_size = checks.integer("batch_size", batch_size, low=1, who="train ")
@@ -80,6 +82,11 @@ def train(model, data, *, pad_id: int, steps: int = 200, batch_size: int = 32, l
     if progress is None:
         progress = not os.environ.get("PEFTTUTOR_QUIET")
     regularized = any(hasattr(m, "regularization") for m in model.modules())
+    allocator = getattr(model, "pefttutor_allocator", None)        # AdaLoRA's rank allocator
+    if allocator is not None and allocator.total_step != steps:
+        raise ValueError(f"train: the model's AdaLoRA RankAllocator plans total_step={allocator.total_step} "
+                         f"but train runs steps={steps}: the budget schedule would end early or never "
+                         f"reach its target. Make the allocator with total_step={steps}.")
     history = {"step": [], "loss": [], "eval": []}
     start = time.perf_counter()
     model.train()
@@ -89,10 +96,13 @@ def train(model, data, *, pad_id: int, steps: int = 200, batch_size: int = 32, l
             batch = _to(next(batches), device)
             loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
             loss = loss + regularization(model) if regularized else loss
+            loss = loss + allocator.regularization() if allocator is not None else loss
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(params, clip)
         scaler.step(opt), scaler.update(), sched.step()
+        if allocator is not None:          # after the step, before zero_grad (as peft)
+            allocator.update_and_allocate(step)
         opt.zero_grad(set_to_none=True)
         history["step"].append(step), history["loss"].append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
