@@ -35,7 +35,10 @@ import torch
 
 from . import checks, data, zoo
 from .adapters import HoulsbyAdapter, ParallelAdapter, PfeifferAdapter, fuse, layer_index, layer_norm_names
+from .adalora import AdaLoRALinear, RankAllocator
+from .bitfit import BitFit
 from .fedpara import FedParaLinear
+from .ia3 import inject_ia3
 from .inject import inject, save_adapter, trainable_parameters
 from .krona import KronALinear
 from .lora import LoRALinear
@@ -126,6 +129,29 @@ register("krona", lrs=(3e-3, 1e-2, 3e-2, 1e-1), a_shape=None, scale=4.0, targets
          )(adapter(KronALinear))
 register("fedpara", lrs=(1e-3, 3e-3, 1e-2, 3e-2), r=4, alpha=8, targets="query-value",
          about="FedPara (Hadamard of two rank-4 products) on W_q, W_v")(adapter(FedParaLinear))
+
+
+@register("adalora", lrs=(1e-3, 3e-3, 1e-2, 3e-2), r=12, target_r=8, alpha=24, tinit=0.1, tfinal=0.2,
+          deltaT=5, targets="query-value",
+          about="AdaLoRA on W_q, W_v: rank 12 per matrix at the start, 8 (LoRA's) on average at the end")
+def _adalora(model, kind, steps, targets="query-value", r=12, target_r=8, alpha=24, tinit=0.1, tfinal=0.2,
+             deltaT=5):
+    """tinit and tfinal are fractions of the training steps."""
+    adapter(AdaLoRALinear)(model, kind, targets=targets, r=r, alpha=alpha)
+    RankAllocator(model, target_r=target_r, total_step=steps, tinit=int(tinit * steps),
+                  tfinal=int(tfinal * steps), deltaT=deltaT)
+
+
+@register("ia3", lrs=(3e-3, 1e-2, 3e-2, 1e-1), targets="auto", feedforward="auto",
+          about="(IA)3: keys, values and the feed-forward down projection's input rescaled")
+def _ia3(model, kind, targets="auto", feedforward="auto"):
+    inject_ia3(model, targets, feedforward, modules_to_save=task_heads(model, kind))
+
+
+@register("bitfit", lrs=(1e-3, 3e-3, 1e-2, 3e-2), targets="all",
+          about="BitFit: every bias term (and the head); models without biases (Llama) cannot use it")
+def _bitfit(model, kind, targets="all"):
+    inject(model, BitFit, targets, modules_to_save=task_heads(model, kind))
 
 
 def bottleneck(layer_cls, layer_norms: bool = False):
@@ -413,8 +439,9 @@ def fit(method_name: str, task: str, seed: int = 0, lr: float | None = None, *,
 
     torch.manual_seed(seed)
     net, tok = _load_model(model, info)
-    wants_task = "task" in inspect.signature(m.apply).parameters     # AdapterFusion fuses the target's adapter too
-    m.apply(net, info.kind, **hp, **({"task": task} if wants_task else {}))
+    wanted = inspect.signature(m.apply).parameters     # AdapterFusion fuses the target's adapter too;
+    extra = {k: v for k, v in (("task", task), ("steps", steps)) if k in wanted}   # AdaLoRA plans its budget
+    m.apply(net, info.kind, **hp, **extra)
     examples = _encode(dd, tok, info, train_split)
     count = trainable_parameters(net)
     memory = _memory_bytes(net, examples, tok.pad_token_id, batch_size)

@@ -19,7 +19,8 @@ def test_registry_has_every_method_of_the_table():
 
 
 @pytest.mark.parametrize("name", ["head", "full", "lora", "krona", "fedpara", "qlora", "houlsby", "pfeiffer",
-                                  "parallel", "adapterdrop", "prompt", "ptuning", "prefix", "ptuning-v2", "mpt"])
+                                  "parallel", "adapterdrop", "prompt", "ptuning", "prefix", "ptuning-v2", "mpt",
+                                  "adalora", "ia3"])
 def test_run_returns_one_record(name):
     record = bench.run(name, "nli", seed=1, lr=1e-3, steps=2, batch_size=8, sizes=TINY, progress=False)
     assert (record["method"], record["task"], record["seed"], record["lr"]) == (name, "nli", 1, 1e-3)
@@ -46,6 +47,27 @@ def test_run_returns_one_record(name):
                "mpt": 20 * 128 + 20 + 128}            # P*, u, v
     if name in prompts:
         assert record["trainable"] == head + prompts[name]
+    first = model.model.layers[0]
+    if name == "adalora":                             # r (in + out + 1) for W_q and W_v, r = 12
+        qv = sum(12 * (m.in_features + m.out_features + 1) for m in (first.self_attn.q_proj, first.self_attn.v_proj))
+        assert record["trainable"] == head + 3 * qv
+    if name == "ia3":                                 # the outputs of W_k, W_v, the input of the down projection
+        vectors = (first.self_attn.k_proj.out_features + first.self_attn.v_proj.out_features
+                   + first.mlp.down_proj.in_features)
+        assert record["trainable"] == head + 3 * vectors
+
+
+def test_bitfit_needs_biases():
+    with pytest.raises(ValueError, match="no bias terms"):
+        bench.run("bitfit", "nli", seed=0, steps=2, batch_size=8, sizes=TINY, progress=False)
+    record = bench.run("bitfit", "nli", seed=0, steps=2, batch_size=8, sizes=TINY, progress=False,
+                       model="zoo-encoder")
+    model, _ = zoo.load_classifier("zoo-encoder", num_labels=3)
+    heads = sum(p.numel() for n, p in model.named_parameters() if n.split(".")[0] == "classifier"
+                or ".pooler." in f".{n}")
+    biases = sum(p.numel() for n, p in model.named_parameters()
+                 if n.endswith(".bias") and ".pooler." not in f".{n}" and not n.startswith("classifier"))
+    assert record["trainable"] == heads + biases
 
 
 def test_few_shot_runs_are_their_own_configuration(tmp_path):
