@@ -131,7 +131,7 @@ register("fedpara", lrs=(1e-3, 3e-3, 1e-2, 3e-2), r=4, alpha=8, targets="query-v
          about="FedPara (Hadamard of two rank-4 products) on W_q, W_v")(adapter(FedParaLinear))
 
 
-@register("adalora", lrs=(1e-3, 3e-3, 1e-2, 3e-2), r=12, target_r=8, alpha=24, tinit=0.1, tfinal=0.2,
+@register("adalora", lrs=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1), r=12, target_r=8, alpha=24, tinit=0.1, tfinal=0.2,
           deltaT=5, targets="query-value",
           about="AdaLoRA on W_q, W_v: rank 12 per matrix at the start, 8 (LoRA's) on average at the end")
 def _adalora(model, kind, steps, targets="query-value", r=12, target_r=8, alpha=24, tinit=0.1, tfinal=0.2,
@@ -142,7 +142,7 @@ def _adalora(model, kind, steps, targets="query-value", r=12, target_r=8, alpha=
                   tfinal=int(tfinal * steps), deltaT=deltaT)
 
 
-@register("ia3", lrs=(3e-3, 1e-2, 3e-2, 1e-1), targets="auto", feedforward="auto",
+@register("ia3", lrs=(3e-3, 1e-2, 3e-2, 1e-1, 3e-1), targets="auto", feedforward="auto",
           about="(IA)3: keys, values and the feed-forward down projection's input rescaled")
 def _ia3(model, kind, targets="auto", feedforward="auto"):
     inject_ia3(model, targets, feedforward, modules_to_save=task_heads(model, kind))
