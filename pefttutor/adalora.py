@@ -1,6 +1,6 @@
 """AdaLoRA: a LoRA update in SVD form whose rank moves to the matrices that need it.
 
-Defined in the chapter "AdaLoRA" (planned). Zhang et al., 2023, arXiv 2303.10512; the details
+Derived in the chapter "AdaLoRA" (book/adalora.ipynb). Zhang et al., 2023, arXiv 2303.10512; the details
 (initialisation, the 1e-5 in the scale, the orthogonality loss as a mean of Frobenius norms, the
 budget schedule and the masking) follow peft's implementation, against which the tests compare.
 

@@ -206,7 +206,7 @@ def test_command_line_prints_the_table(tmp_path, monkeypatch, capsys):
 def test_the_store_holds_the_shared_table():
     records = bench.load()
     methods = ["head", "full", "lora", "krona", "fedpara", "qlora", "houlsby", "pfeiffer", "parallel", "fusion",
-               "adapterdrop", "prompt", "ptuning", "prefix", "ptuning-v2", "mpt"]
+               "adapterdrop", "prompt", "ptuning", "prefix", "ptuning-v2", "mpt", "adalora", "ia3"]
     tab = bench.table(records, methods, data.SUITE)
     assert len(tab) == len(methods) * len(data.SUITE) and all(c["seeds"] == 3 for c in tab.values())
     keys = [(r["model"], r["method"], r["task"], r["seed"], r["lr"], json.dumps(r["hparams"], sort_keys=True),
