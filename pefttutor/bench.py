@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import checks, data, zoo
+from . import checks, data, tfew, zoo
 from .adapters import HoulsbyAdapter, ParallelAdapter, PfeifferAdapter, fuse, layer_index, layer_norm_names
 from .adalora import AdaLoRALinear, RankAllocator
 from .bitfit import BitFit
@@ -63,15 +63,19 @@ class Method:
     lrs: tuple
     about: str = ""
     family: str = "reparameterisation"
+    rank_choices: bool = False     # trains the language model on answer choices (T-Few), not a head
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, lrs, about: str = "", family: str = "reparameterisation", **defaults):
-    """Decorator: add ``apply(model, kind, **hparams)`` to :data:`METHODS` under ``name``."""
+def register(name: str, lrs, about: str = "", family: str = "reparameterisation", rank_choices: bool = False,
+             **defaults):
+    """Decorator: add ``apply(model, kind, **hparams)`` to :data:`METHODS` under ``name``. A method
+    with ``rank_choices`` keeps the language-model head and classifies by ranking the labels'
+    names (:mod:`pefttutor.tfew`), so its ``apply`` must not add a head."""
     def add(apply):
-        METHODS[name] = Method(name, apply, defaults, tuple(lrs), about, family)
+        METHODS[name] = Method(name, apply, defaults, tuple(lrs), about, family, rank_choices)
         return apply
     return add
 
@@ -146,6 +150,15 @@ def _adalora(model, kind, steps, targets="query-value", r=12, target_r=8, alpha=
           about="(IA)3: keys, values and the feed-forward down projection's input rescaled")
 def _ia3(model, kind, targets="auto", feedforward="auto"):
     inject_ia3(model, targets, feedforward, modules_to_save=task_heads(model, kind))
+
+
+@register("tfew", lrs=(1e-2, 3e-2, 1e-1, 3e-1), targets="auto", feedforward="auto", unlikelihood=1.0,
+          length_norm=1.0, template=tfew.TEMPLATE, rank_choices=True,
+          about="T-Few: (IA)3 with the language-model head, rank classification, LM + UL + LN losses")
+def _tfew(model, kind, targets="auto", feedforward="auto", unlikelihood=1.0, length_norm=1.0,
+          template=tfew.TEMPLATE):
+    """The losses' weights and the template are read by :func:`fit`; here (IA)3 goes in, no head."""
+    inject_ia3(model, targets, feedforward)
 
 
 @register("bitfit", lrs=(1e-3, 3e-3, 1e-2, 3e-2), targets="all",
@@ -388,7 +401,7 @@ def _encode(dd, tok, info, split="train"):
     return data.encode_classification(dd[split], tok)
 
 
-def _memory_bytes(model, examples, pad_id, batch_size) -> int:
+def _memory_bytes(model, examples, pad_id, batch_size, collate_fn=data.collate, loss_fn=None) -> int:
     """Training memory of one step (weights, gradients, AdamW state, saved activations), counted
     by walking tensors (:func:`pefttutor.memory.measure`): the same on every device and CPU."""
     clone = copy.deepcopy(model)
@@ -396,8 +409,10 @@ def _memory_bytes(model, examples, pad_id, batch_size) -> int:
     if not params:                     # nothing trains: the weights are all there is
         return storage_bytes([*clone.parameters(), *clone.buffers()])
     opt = torch.optim.AdamW(params, lr=0.0)
-    batch = data.collate(examples[:batch_size], pad_id)
-    return measure(clone.train(), batch, opt).total
+    batch = collate_fn(examples[:batch_size], pad_id)
+    if loss_fn is None:
+        return measure(clone.train(), batch, opt).total
+    return measure(clone.train(), batch, opt, loss_fn=loss_fn).total
 
 
 def run(method_name: str, task: str, seed: int = 0, lr: float | None = None, **kw) -> dict:
@@ -435,22 +450,36 @@ def fit(method_name: str, task: str, seed: int = 0, lr: float | None = None, *,
     if info.kind == "generation" and is_encoder(model):
         raise ValueError(f"bench.run: task {task!r} generates text and {model!r} is an encoder; use a "
                          f"decoder (zoo-decoder) or leave {task!r} out (--tasks ...)")
+    if m.rank_choices and (info.kind == "generation" or is_encoder(model)):
+        raise ValueError(f"bench.run: {method_name!r} ranks answer choices with a language model, so it "
+                         f"needs a classification task and a decoder; {task!r} is a {info.kind} task and "
+                         f"{model!r} {'is' if is_encoder(model) else 'is not'} an encoder. Use zoo-decoder "
+                         f"on sentiment, nli, jobs or knowledge.")
     dd = data.load_task(task, sizes=sizes)
 
     torch.manual_seed(seed)
-    net, tok = _load_model(model, info)
+    net, tok = zoo.load_decoder(model) if m.rank_choices else _load_model(model, info)
     wanted = inspect.signature(m.apply).parameters     # AdapterFusion fuses the target's adapter too;
     extra = {k: v for k, v in (("task", task), ("steps", steps)) if k in wanted}   # AdaLoRA plans its budget
     m.apply(net, info.kind, **hp, **extra)
-    examples = _encode(dd, tok, info, train_split)
+    if m.rank_choices:                 # T-Few: every answer choice, its losses, rank classification
+        examples = tfew.encode_choices(dd[train_split], tok, info.labels, template=hp["template"])
+        how = {"collate_fn": tfew.collate_choices, "loss_fn": tfew.loss_fn(hp["unlikelihood"], hp["length_norm"])}
+    else:
+        examples, how = _encode(dd, tok, info, train_split), {}
     count = trainable_parameters(net)
-    memory = _memory_bytes(net, examples, tok.pad_token_id, batch_size)
+    memory = _memory_bytes(net, examples, tok.pad_token_id, batch_size, **how)
     if count.trainable:
         history = train(net, examples, pad_id=tok.pad_token_id, steps=steps, batch_size=batch_size,
-                        lr=lr, seed=seed, progress=progress, desc=f"{method_name} {task} seed {seed}")
+                        lr=lr, seed=seed, progress=progress, desc=f"{method_name} {task} seed {seed}", **how)
     else:              # nothing to train (the frozen baseline of a generation task): evaluate as is
         history = {"seconds": 0.0, "loss": []}
-    scores = _scores(net, tok, dd, info, budget)
+    if m.rank_choices:
+        scores = {s: tfew.accuracy(net, tfew.encode_choices(dd[s], tok, info.labels, template=hp["template"]),
+                                   tok.pad_token_id)
+                  for s in ("validation", "test")}
+    else:
+        scores = _scores(net, tok, dd, info, budget)
     every = max(1, steps // 50)
     record = {"model": model, "method": method_name, "task": task, "seed": seed, "lr": lr,
             "hparams": hp, "steps": steps, "batch_size": batch_size, "sizes": sizes,

@@ -29,11 +29,11 @@ def autocast_dtype(device: torch.device, precision: str = "auto"):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def _batches(data, batch_size, gen, pad_id):
+def _batches(data, batch_size, gen, pad_id, collate_fn=collate):
     while True:
         order = torch.randperm(len(data), generator=gen).tolist()
         for i in range(0, len(order) - batch_size + 1, batch_size):
-            yield collate([data[j] for j in order[i:i + batch_size]], pad_id)
+            yield collate_fn([data[j] for j in order[i:i + batch_size]], pad_id)
 
 
 def _to(batch, device):
@@ -43,13 +43,14 @@ def _to(batch, device):
 def train(model, data, *, pad_id: int, steps: int = 200, batch_size: int = 32, lr: float = 1e-3,
           weight_decay: float = 0.0, warmup: float = 0.1, clip: float = 1.0, evaluate=None,
           eval_every: int | None = None, seed: int = 0, device=None, precision: str = "auto",
-          progress: bool | None = None, desc: str = "train", loss_fn=None) -> dict:
+          progress: bool | None = None, desc: str = "train", loss_fn=None, collate_fn=None) -> dict:
     """Train the model's trainable parameters on encoded examples (see :mod:`pefttutor.data`).
 
     AdamW, linear warm-up over ``warmup`` of the steps then linear decay to zero, gradient
     clipping, mixed precision on CUDA. ``evaluate(model) -> dict`` runs every ``eval_every``
     steps and at the end. ``loss_fn(model, batch) -> loss`` replaces the model's own loss (a
-    distillation loss, say). A model with AdaLoRA's ``RankAllocator`` gets its orthogonality loss
+    distillation loss, say); ``collate_fn(examples, pad_id) -> batch`` replaces
+    :func:`pefttutor.data.collate` (T-Few's examples carry every answer choice). A model with AdaLoRA's ``RankAllocator`` gets its orthogonality loss
     added and the allocator called after every step. Returns the history: losses per step,
     evaluations, seconds.
     """
@@ -78,7 +79,8 @@ def train(model, data, *, pad_id: int, steps: int = 200, batch_size: int = 32, l
         opt, lambda s: min((s + 1) / n_warm, max(0.0, (steps - s) / max(1, steps - n_warm))))
     amp = autocast_dtype(device, precision)
     scaler = torch.amp.GradScaler(enabled=amp is torch.float16)
-    batches = _batches(data, min(batch_size, len(data)), torch.Generator().manual_seed(seed), pad_id)
+    batches = _batches(data, min(batch_size, len(data)), torch.Generator().manual_seed(seed), pad_id,
+                       collate_fn or collate)
     if progress is None:
         progress = not os.environ.get("PEFTTUTOR_QUIET")
     regularized = any(hasattr(m, "regularization") for m in model.modules())
