@@ -1,6 +1,6 @@
 """(IA)3: learned vectors that rescale keys, values and the feed-forward activations.
 
-Defined in the chapter "(IA)3 and T-Few" (planned). Liu et al., 2022, arXiv 2205.05638.
+Defined in the chapter "(IA)3 and T-Few" (book/ia3.ipynb). Liu et al., 2022, arXiv 2205.05638.
 
 An (IA)3 layer multiplies, element by element, either the output of a linear layer (the keys and
 values: ``y = l * (W x + b)``) or the input of the feed-forward down projection (``y = W (l * x) + b``,
