@@ -3,6 +3,13 @@
 The package behind the book: every layer here is derived in a chapter and tested against the
 reference library (peft, bitsandbytes, adapters) on the same weights.
 """
+import logging as _logging
+
+# On a CPU with AVX-512 BF16, bitsandbytes tries to load an optional 4-bit kernel from the Hub package
+# `kernels` and logs a warning when it is not installed; the book runs offline on bitsandbytes' own CPU
+# kernels, and the warning would make a notebook's output depend on the CPU.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
+
 from .adalora import AdaLoRALinear, RankAllocator
 from .adapters import (AdapterFusion, HoulsbyAdapter, ParallelAdapter, PfeifferAdapter, RobustAdapterDrop,
                        drop_adapters, fuse, prune_fusion)

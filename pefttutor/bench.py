@@ -371,6 +371,18 @@ class Budget:
 
 BUDGETS = {"classification": Budget(150, 32), "pair": Budget(150, 32),
            "generation": Budget(150, 16, {"validation": 100, "test": 200})}
+# An encoder classifies from [CLS] through a new pooler and head. On the zoo encoder the loss of full
+# fine-tuning stays flat for its first 150 steps or so (the decoder's whole budget) before [CLS]
+# gathers the sentence, so encoders get four times the decoder's steps.
+ENCODER_BUDGETS = {"classification": Budget(600, 32), "pair": Budget(600, 32)}
+
+
+def budget_for(model_name: str, kind: str) -> Budget:
+    """The default steps and batch size of ``kind``'s tasks (:data:`BUDGETS`) on ``model_name``;
+    encoders have their own (:data:`ENCODER_BUDGETS`)."""
+    if kind in ENCODER_BUDGETS and is_encoder(model_name):
+        return ENCODER_BUDGETS[kind]
+    return BUDGETS[kind]
 
 
 def is_encoder(model_name: str) -> bool:
@@ -428,7 +440,7 @@ def fit(method_name: str, task: str, seed: int = 0, lr: float | None = None, *,
     record and the trained model.
 
     ``lr`` defaults to the middle of the method's sweep; ``hparams`` override the registry's
-    defaults; ``steps`` and ``batch_size`` default to the task kind's :data:`BUDGETS`. The seed sets
+    defaults; ``steps`` and ``batch_size`` default to the task kind's budget (:func:`budget_for`). The seed sets
     the new weights' initialisation and the order of the batches (the data are the same for
     every seed). ``train_split="few_shot"`` trains on the task's few-shot split (16 examples per
     label) instead of the whole training split."""
@@ -443,7 +455,7 @@ def fit(method_name: str, task: str, seed: int = 0, lr: float | None = None, *,
                         f"its hyperparameters are {sorted(m.defaults) or 'none'}")
     hp = {**m.defaults, **hparams}
     lr = m.lrs[len(m.lrs) // 2] if lr is None else checks.positive("lr", lr, who="bench.run ")
-    budget = BUDGETS[info.kind]
+    budget = budget_for(model, info.kind)
     steps = budget.steps if steps is None else checks.integer("steps", steps, low=1, who="bench.run ")
     batch_size = (budget.batch_size if batch_size is None
                   else checks.integer("batch_size", batch_size, low=1, who="bench.run "))
@@ -538,7 +550,7 @@ def _config(records, model, name, task, hparams=None, train_split="train"):
     """The records of one configuration: model, method, task and hyperparameters (defaults unless
     ``hparams`` overrides some), the task's default budget and sizes, any seed and learning rate."""
     hp = json.dumps({**method(name).defaults, **(hparams or {})}, sort_keys=True)
-    budget = BUDGETS[data.task_info(task).kind]
+    budget = budget_for(model, data.task_info(task).kind)
     return [r for r in records if (r["model"], r["method"], r["task"]) == (model, name, task)
             and json.dumps(r["hparams"], sort_keys=True) == hp and r["sizes"] is None
             and r.get("train_split", "train") == train_split

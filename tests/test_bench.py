@@ -1,6 +1,7 @@
 """The bench: registry, harness, store, table, command line, and one stored record reproduced."""
 import json
 import math
+import pathlib
 
 import pytest
 
@@ -235,3 +236,33 @@ def test_a_stored_record_reproduces():
     assert again["loss"][-1] == pytest.approx(stored["loss"][-1], abs=0.05)
     assert again["test"] == pytest.approx(stored["test"], abs=2 / 500)
     assert again["validation"] == pytest.approx(stored["validation"], abs=2 / 300)
+
+
+def test_encoders_get_their_own_budget():
+    """An encoder's [CLS] classifier needs more steps than the decoder's last token (ENCODER_BUDGETS)."""
+    assert bench.budget_for("zoo-encoder", "classification") is bench.ENCODER_BUDGETS["classification"]
+    assert bench.budget_for("zoo-encoder", "classification").steps == 4 * bench.BUDGETS["classification"].steps
+    assert bench.budget_for("zoo-decoder", "classification") is bench.BUDGETS["classification"]
+    assert bench.budget_for("zoo-encoder", "generation") is bench.BUDGETS["generation"]
+
+
+def test_the_store_holds_the_encoder_table_the_readme_shows():
+    """The zoo encoder on sentiment and reviews: every rate swept, three seeds, full fine-tuning clearly
+    above the frozen head on both, and the README's table is the store's."""
+    records = bench.load()
+    tasks = ["sentiment", "reviews"]
+    methods = ["head", "bitfit", "lora", "full"]
+    tab = bench.table(records, methods, tasks, "zoo-encoder")
+    paper = bench.table(records, ["bitfit"], tasks, "zoo-encoder", hparams={"bitfit": {"targets": "paper"}})
+    assert len(tab) == 8 and len(paper) == 2 and all(c["seeds"] == 3 for c in [*tab.values(), *paper.values()])
+    for name in methods:
+        for task in tasks:
+            swept = {r["lr"] for r in bench._config(records, "zoo-encoder", name, task) if r["seed"] == 0}
+            assert swept == set(bench.METHODS[name].lrs), (name, task)
+            assert all(r["steps"] == 600 for r in bench._config(records, "zoo-encoder", name, task))
+    for task in tasks:
+        assert bench.separated(tab, "full", "head", task) and tab[("full", task)]["mean"] > tab[("head", task)]["mean"]
+    rows = {**tab, **{("bitfit (query and intermediate biases)", t): c for (_, t), c in paper.items()}}
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    for line in bench.format_table(rows).splitlines()[2:]:
+        assert line in readme, line

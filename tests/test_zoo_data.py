@@ -125,9 +125,46 @@ def test_recipe_is_deterministic(tmp_path):
     digests = []
     for run in ("a", "b"):
         zoo.build(tmp_path / run, steps=3, n_docs=300, log=lambda *_: None)
-        digests.append(hashlib.sha256((tmp_path / run / "decoder" / "model.safetensors").read_bytes()).hexdigest())
+        digests.append([hashlib.sha256((tmp_path / run / kind / "model.safetensors").read_bytes()).hexdigest()
+                        for kind in ("decoder", "encoder")])
     assert digests[0] == digests[1]
     assert not torch.are_deterministic_algorithms_enabled()
+    # the encoder alone, from the decoder in the folder: the same encoder as the full recipe's
+    zoo.build(tmp_path / "a", steps=3, n_docs=300, log=lambda *_: None, kinds=("encoder",))
+    again = hashlib.sha256((tmp_path / "a" / "encoder" / "model.safetensors").read_bytes()).hexdigest()
+    assert again == digests[0][1]
+
+
+def _polarity_gap(model, tok) -> float:
+    """Mean cosine of the sentiment words' embeddings within a polarity minus across the two."""
+    table = model.get_input_embeddings().weight.detach()
+
+    def unit(words):
+        ids = [tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in words]
+        return torch.nn.functional.normalize(table[ids], dim=-1)
+
+    pos, neg = unit(data.POSITIVE), unit(data.NEGATIVE)
+
+    def within(x):
+        return ((x @ x.T).sum() - len(x)) / (len(x) * (len(x) - 1))
+    return float((within(pos) + within(neg)) / 2 - (pos @ neg.T).mean())
+
+
+def test_encoder_starts_from_the_decoders_word_embeddings():
+    """The recipe's encoder starts from the decoder's word embeddings, which tell "lovely" from
+    "awful"; masked-LM keeps the difference (the encoder pretrained from random did not have it)."""
+    decoder, dtok = zoo.load_decoder()
+    encoder, etok = zoo.load_encoder()
+    assert etok.get_vocab() == dtok.get_vocab()
+    assert _polarity_gap(decoder, dtok) > 0.2
+    assert _polarity_gap(encoder, etok) > 0.1
+    assert encoder.config.hidden_dropout_prob == encoder.config.attention_probs_dropout_prob == 0.0
+    corpus = data.make_corpus(40)
+    with pytest.raises(ValueError, match="vocabulary x hidden size"):
+        zoo.pretrain("encoder", etok, corpus, steps=1, word_embeddings=torch.zeros(5, 128), log=lambda *_: None)
+    table = decoder.get_input_embeddings().weight.detach()
+    model = zoo.pretrain("encoder", etok, corpus, steps=1, lr=1e-12, word_embeddings=table, log=lambda *_: None)
+    assert (model.get_input_embeddings().weight - table).abs().max() < 1e-6
 
 
 def test_hub_path_by_local_folder(tmp_path):
