@@ -1,6 +1,6 @@
 """BitFit: train only the bias terms.
 
-Defined in the chapter "BitFit" (planned). Ben Zaken et al., 2022, arXiv 2106.10199.
+Defined in the chapter "BitFit" (book/bitfit.ipynb). Ben Zaken et al., 2022, arXiv 2106.10199.
 
 Every bias of a linear layer or a LayerNorm is added last: ``y = f(x) + b``. Training b from its
 pretrained value is the same as training a delta δ from zero and using ``f(x) + b + δ``: the
