@@ -36,7 +36,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
                           BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM,
                           PreTrainedTokenizerFast)
 
-from .data import make_corpus, pad_rows
+from .data import NEGATIVE, POSITIVE, make_corpus, pad_rows
 
 ZOO_DIR = pathlib.Path(__file__).parent / "zoo_models"
 ZOO = {"zoo-decoder": ZOO_DIR / "decoder", "zoo-encoder": ZOO_DIR / "encoder",
@@ -156,7 +156,8 @@ def _decoder_batch(examples, tok, gen):
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
-ENCODER_LR = 1e-3     # lower than the decoder's 3e-3, with the encoder's other changes (see build)
+# Pretraining learning rates; the encoder's is lower, one of its recipe's changes (see build).
+LEARNING_RATES = {"decoder": 3e-3, "encoder": 1e-3}
 
 
 def pretrain(kind: str, tok, corpus: list[str], steps: int = 2000, batch_size: int = 32,
@@ -166,7 +167,7 @@ def pretrain(kind: str, tok, corpus: list[str], steps: int = 2000, batch_size: i
     language modelling without next-sentence prediction (encoder, as RoBERTa) plus the masked
     words predicted from [CLS] (:class:`EncoderPretraining`).
 
-    ``lr`` defaults to 3e-3 for the decoder and :data:`ENCODER_LR` for the encoder.
+    ``lr`` defaults to the kind's entry in :data:`LEARNING_RATES`.
     ``word_embeddings`` (vocabulary x hidden) start the model's token embeddings from trained ones
     instead of random: the recipe starts the encoder from the decoder's (see :func:`build`). The loss
     of every step is appended to ``history`` when one is given; ``overrides`` change the model's
@@ -177,12 +178,11 @@ def pretrain(kind: str, tok, corpus: list[str], steps: int = 2000, batch_size: i
         model = LlamaForCausalLM(decoder_config(tok, **overrides))
         examples = [tok(d + " </s>", truncation=True, max_length=128)["input_ids"] for d in corpus]
         make_batch = _decoder_batch
-        lr = 3e-3 if lr is None else lr
     else:
         model = EncoderPretraining(encoder_config(tok, **overrides))
         examples = [tok(d, truncation=True, max_length=128)["input_ids"] for d in corpus]
         make_batch = _encoder_batch
-        lr = ENCODER_LR if lr is None else lr
+    lr = LEARNING_RATES[kind] if lr is None else lr
     if word_embeddings is not None:
         table = model.get_input_embeddings() if kind == "decoder" else model.mlm.get_input_embeddings()
         if tuple(word_embeddings.shape) != tuple(table.weight.shape):
@@ -258,6 +258,25 @@ def build_sizes(out_dir: pathlib.Path = ZOO_DIR, steps: int = 2000, n_docs: int 
             log(f"saved {path}")
     finally:
         torch.use_deterministic_algorithms(was)
+
+
+@torch.no_grad()
+def polarity(model, tok) -> tuple[float, float]:
+    """How far a model's word embeddings separate the sentiment words of :mod:`pefttutor.data`: the
+    mean cosine similarity between two words of the same polarity (positive with positive, negative
+    with negative; the two averaged) and between a positive and a negative word. Each word is taken
+    by its first token."""
+    table = model.get_input_embeddings().weight
+
+    def unit(words):
+        ids = [tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in words]
+        return F.normalize(table[ids].float(), dim=-1)
+
+    def within(x):
+        return ((x @ x.T).sum() - len(x)) / (len(x) * (len(x) - 1))
+
+    pos, neg = unit(POSITIVE), unit(NEGATIVE)
+    return float((within(pos) + within(neg)) / 2), float((pos @ neg.T).mean())
 
 
 def resolve(name: str) -> str:

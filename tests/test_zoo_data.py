@@ -137,17 +137,8 @@ def test_recipe_is_deterministic(tmp_path):
 
 def _polarity_gap(model, tok) -> float:
     """Mean cosine of the sentiment words' embeddings within a polarity minus across the two."""
-    table = model.get_input_embeddings().weight.detach()
-
-    def unit(words):
-        ids = [tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in words]
-        return torch.nn.functional.normalize(table[ids], dim=-1)
-
-    pos, neg = unit(data.POSITIVE), unit(data.NEGATIVE)
-
-    def within(x):
-        return ((x @ x.T).sum() - len(x)) / (len(x) * (len(x) - 1))
-    return float((within(pos) + within(neg)) / 2 - (pos @ neg.T).mean())
+    within, across = zoo.polarity(model, tok)
+    return within - across
 
 
 def test_encoder_starts_from_the_decoders_word_embeddings():
