@@ -241,7 +241,7 @@ def test_a_stored_record_reproduces():
 def test_encoders_get_their_own_budget():
     """An encoder's [CLS] classifier needs more steps than the decoder's last token (ENCODER_BUDGETS)."""
     assert bench.budget_for("zoo-encoder", "classification") is bench.ENCODER_BUDGETS["classification"]
-    assert bench.budget_for("zoo-encoder", "classification").steps == 4 * bench.BUDGETS["classification"].steps
+    assert bench.budget_for("zoo-encoder", "classification").steps > bench.BUDGETS["classification"].steps
     assert bench.budget_for("zoo-decoder", "classification") is bench.BUDGETS["classification"]
     assert bench.budget_for("zoo-encoder", "generation") is bench.BUDGETS["generation"]
 
@@ -259,9 +259,12 @@ def test_the_store_holds_the_encoder_table_the_readme_shows():
         for task in tasks:
             swept = {r["lr"] for r in bench._config(records, "zoo-encoder", name, task) if r["seed"] == 0}
             assert swept == set(bench.METHODS[name].lrs), (name, task)
-            assert all(r["steps"] == 600 for r in bench._config(records, "zoo-encoder", name, task))
+            steps = bench.ENCODER_BUDGETS["classification"].steps
+            assert all(r["steps"] == steps for r in bench._config(records, "zoo-encoder", name, task))
     for task in tasks:
         assert bench.separated(tab, "full", "head", task) and tab[("full", task)]["mean"] > tab[("head", task)]["mean"]
+    # the bench issue's acceptance: LoRA on the encoder reaches 90% of full fine-tuning on sentiment
+    assert tab[("lora", "sentiment")]["mean"] >= 0.9 * tab[("full", "sentiment")]["mean"]
     rows = {**tab, **{("bitfit (query and intermediate biases)", t): c for (_, t), c in paper.items()}}
     readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
     for line in bench.format_table(rows).splitlines()[2:]:
